@@ -1,0 +1,1 @@
+"""Command-line tools: lqae-encode, lqae-fewshot, lqae-info."""

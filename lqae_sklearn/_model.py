@@ -1,0 +1,141 @@
+"""The Language Quantized AutoEncoder (Liu, Yan, Abbeel, arXiv 2302.00902).
+
+image -> ViT encoder -> nearest LM word embedding (frozen codebook) -> random
+<mask> replacement (training only) -> frozen LM -> ViT decoder -> image.
+
+Loss = pixel MSE + commitment_weight * mse(z, sg(q)) + mlm_weight * CE(LM logits
+at masked positions, the image's own token ids).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._config import LQAEConfig
+from ._language_model import FrozenLanguageModel
+from ._quantizer import LanguageQuantizer
+from ._vit import ViTDecoder, ViTEncoder
+
+
+@dataclass
+class LQAEOutput:
+    """Everything one forward pass produces; the loss terms are float32 scalars."""
+
+    reconstruction: torch.Tensor  # (B, C, H, W), unclamped
+    ids: torch.Tensor  # (B, T) vocabulary ids
+    mask: torch.Tensor  # (B, T) True where the token was replaced by <mask>
+    loss: torch.Tensor
+    reconstruction_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+    mlm_loss: torch.Tensor
+
+
+class LQAE(nn.Module):
+    """Encoder, frozen-codebook quantizer, frozen LM and decoder.
+
+    Parameters
+    ----------
+    config : LQAEConfig
+    language_model : FrozenLanguageModel, optional
+        Loaded from ``config.language_model`` when not given.
+    """
+
+    def __init__(self, config: LQAEConfig, language_model: FrozenLanguageModel | None = None):
+        super().__init__()
+        self.config = config
+        lm = language_model if language_model is not None else FrozenLanguageModel.from_pretrained(config.language_model)
+        self.language_model = lm
+        c = config
+        self.encoder = ViTEncoder(
+            c.image_size, c.patch_size, c.in_channels, c.encoder_dim, c.encoder_depth,
+            c.encoder_heads, c.mlp_ratio, c.block, out_dim=lm.hidden_size,
+        )
+        excluded = lm.excluded_token_ids() if c.codebook_exclude == "special" else []
+        self.quantizer = LanguageQuantizer(lm.codebook, excluded)
+        self.decoder = ViTDecoder(
+            c.image_size, c.patch_size, c.in_channels, c.decoder_dim, c.decoder_depth,
+            c.decoder_heads, c.mlp_ratio, c.block, in_dim=lm.hidden_size,
+        )
+        for part in (self.encoder, self.decoder):
+            part.apply(_init_weights)
+
+    # -- the trained part ------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Encoder and decoder weights: what a checkpoint stores (the LM is referenced)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("language_model.")}
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # -- inference -------------------------------------------------------------------
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [0, 1] -> token ids (B, T), row-major over the patch grid."""
+        return self.quantizer.nearest(self.encoder(images))
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.language_model.codebook)
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> images (B, C, H, W) clamped to [0, 1]."""
+        hidden = self.language_model(self.embed_ids(ids))
+        return self.decoder(hidden).clamp(0, 1)
+
+    def feature_layer_names(self) -> list[str]:
+        """Names accepted by :meth:`features`: encoder blocks, then LM hidden states.
+
+        ``"encoder.1"`` is the output of the first encoder block; ``"lm.0"`` is the
+        LM's embedding layer output (token + position embeddings) and ``"lm.N"``
+        the output of its N-th layer.
+        """
+        enc = [f"encoder.{i}" for i in range(1, self.config.encoder_depth + 1)]
+        return enc + [f"lm.{i}" for i in range(self.language_model.num_layers + 1)]
+
+    def features(self, images: torch.Tensor, layers: list[str]) -> torch.Tensor:
+        """Token-averaged hidden states of the named layers, concatenated (B, sum of widths).
+
+        The unmasked token sequence goes through the frozen LM, as for the
+        paper's linear probe.
+        """
+        need_lm = any(name.startswith("lm.") for name in layers)
+        z, enc_layers = self.encoder(images, return_layers=True)
+        by_name = {f"encoder.{i + 1}": h for i, h in enumerate(enc_layers)}
+        if need_lm:
+            ids = self.quantizer.nearest(z)
+            lm_layers = self.language_model(self.embed_ids(ids), output_hidden_states=True)
+            by_name.update({f"lm.{i}": h for i, h in enumerate(lm_layers)})
+        return torch.cat([by_name[name].float().mean(dim=1) for name in layers], dim=1)
+
+    # -- training --------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, mask_ratio: float | None = None, generator=None) -> LQAEOutput:
+        """Full pass with losses. ``mask_ratio`` defaults to the config's in training, 0 in eval."""
+        c = self.config
+        if mask_ratio is None:
+            mask_ratio = c.mask_ratio if self.training else 0.0
+        z = self.encoder(images)
+        q, ids, commitment = self.quantizer(z, self.language_model.codebook)
+        mask = torch.rand(ids.shape, device=ids.device, generator=generator) < mask_ratio
+        mask_embedding = self.language_model.codebook[self.language_model.mask_token_id].to(q.dtype)
+        q = torch.where(mask.unsqueeze(-1), mask_embedding, q)
+        hidden = self.language_model(q)
+        reconstruction = self.decoder(hidden)
+        recon_loss = F.mse_loss(reconstruction.float(), images.float())
+        if mask.any():
+            # Logits only where tokens were masked: the loss needs no others.
+            logits = self.language_model.mlm_logits(hidden[mask])
+            mlm_loss = F.cross_entropy(logits.float(), ids[mask])
+        else:
+            mlm_loss = recon_loss.new_zeros(())
+        loss = recon_loss + c.commitment_weight * commitment + c.mlm_weight * mlm_loss
+        return LQAEOutput(reconstruction, ids, mask, loss, recon_loss, commitment, mlm_loss)
+
+
+def _init_weights(module: nn.Module) -> None:
+    # Linear layers and the patch embedding; depthwise convs keep PyTorch's default.
+    if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)

@@ -1,0 +1,1 @@
+"""Large-language-model backends for LLMFewShotClassifier."""

@@ -1,0 +1,1 @@
+"""Training of the Language Quantized AutoEncoder (console script ``lqae-train``)."""
