@@ -1,0 +1,58 @@
+"""``lqae-train``: train a Language Quantized AutoEncoder from the command line."""
+
+from __future__ import annotations
+
+import click
+
+from lqae_sklearn._config import PRESETS
+
+from ._trainer import TrainConfig, train
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--data", default="fashion-mnist", help="'fashion-mnist' (train split), a folder of images (recursive) or a .npy array (N,H,W[,C]).")
+@click.option("--fashion-mnist-dir", type=click.Path(file_okay=False), help="Folder of the Fashion-MNIST idx files [default: /usr/share/datasets/fashion-mnist].")
+@click.option("--out", "out_dir", default="runs/lqae", type=click.Path(file_okay=False), help="Run folder: checkpoint/, metrics.jsonl, samples/.")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="small-28", help="Architecture preset.")
+@click.option("--language-model", help="Frozen LM (Hugging Face name or path) instead of the preset's.")
+@click.option("--image-size", type=int, help="Override the preset's image size.")
+@click.option("--patch-size", type=int, help="Override the preset's patch size.")
+@click.option("--steps", default=1000, help="Optimizer steps in total (a resumed run counts the steps already done).")
+@click.option("--batch-size", default=256, help="Global batch: per-process micro-batch x --accumulation x processes.")
+@click.option("--accumulation", default=1, help="Gradient-accumulation micro-batches per step.")
+@click.option("--lr", type=float, help="Peak learning rate [default: 1.5e-4 x batch / 256, as the paper].")
+@click.option("--warmup-steps", type=int, help="Linear warmup steps [default: 5% of --steps]; cosine decay after.")
+@click.option("--weight-decay", default=5e-4)
+@click.option("--seed", default=42)
+@click.option("--augment/--no-augment", default=True, help="Random resized crop + horizontal flip (the paper's).")
+@click.option("--crop-scale", nargs=2, type=float, default=(0.2, 1.0), help="Area range of the random crop.")
+@click.option("--hflip/--no-hflip", default=True)
+@click.option("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'.")
+@click.option("--bf16/--no-bf16", default=None, help="bf16 autocast [default: on for CUDA].")
+@click.option("--compile/--no-compile", "compile_", default=False, help="torch.compile the encoder, decoder and LM.")
+@click.option("--save-every", default=500, help="Write a checkpoint (and a sample grid) every N steps and at the end.")
+@click.option("--log-every", default=50, help="Append a metrics record every N steps.")
+@click.option("--eval-data", help="Images for reconstruction PSNR at each checkpoint [default: Fashion-MNIST test when training on it].")
+@click.option("--eval-images", default=1000)
+@click.option("--workers", "num_workers", default=0, help="Image-decoding processes for folder data.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint exactly (weights, optimizer, step, data order).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def main(language_model, image_size, patch_size, compile_, no_progress, **options):
+    """Train an LQAE: ViT encoder -> frozen LM word embeddings -> frozen LM -> ViT decoder.
+
+    \b
+    Single process (CPU or one GPU):
+      lqae-train --data fashion-mnist --steps 300 --out runs/fmnist
+    Several GPUs or machines (DistributedDataParallel), the same options:
+      torchrun --nproc-per-node 8 -m lqae_sklearn.training.cli --data images/ ...
+
+    OUT/checkpoint is a regular lqae-sklearn checkpoint: LQAETokenizer(checkpoint=...) reads it.
+    """
+    overrides = {k: v for k, v in {"language_model": language_model, "image_size": image_size, "patch_size": patch_size}.items() if v is not None}
+    cfg = TrainConfig(model_overrides=overrides, compile=compile_, progress=not no_progress, **options)
+    ckpt = train(cfg)
+    click.echo(f"checkpoint: {ckpt}", err=True)
+
+
+if __name__ == "__main__":
+    main()
