@@ -9,10 +9,12 @@ from ._checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ._config import DEFAULT_LANGUAGE_MODEL, PRESETS, LQAEConfig, preset_config
 from ._language_model import FrozenLanguageModel
 from ._model import LQAE, LQAEOutput
+from ._tokenizer import LQAETokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LQAETokenizer",
     "DEFAULT_LANGUAGE_MODEL",
     "PRESETS",
     "CheckpointError",

@@ -1,0 +1,389 @@
+"""LQAETokenizer: outputs, inputs, errors, pickling, caching, feature names.
+
+Runs against the shipped checkpoint when it is installed, else against an
+untrained small-28 checkpoint written once per session (the behaviour under
+test does not depend on training).
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import warnings
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
+
+from lqae_sklearn import LQAE, LQAETokenizer, preset_config, save_checkpoint
+from lqae_sklearn._checkpoint import DEFAULT_CHECKPOINT, CheckpointError
+from lqae_sklearn._images import ImageLoadError
+from lqae_sklearn._tokenizer import DeviceWarning, _MODELS
+from lqae_sklearn.datasets import load_fashion_mnist
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    if DEFAULT_CHECKPOINT.exists():
+        return DEFAULT_CHECKPOINT
+    torch.manual_seed(0)
+    model = LQAE(preset_config("small-28")).eval()
+    return save_checkpoint(model, tmp_path_factory.mktemp("checkpoint") / "small-28-untrained")
+
+
+@pytest.fixture(scope="module")
+def images():
+    X, y = load_fashion_mnist("test")
+    # One of each class: varied content, small enough for 2 CPU cores.
+    return X[[np.flatnonzero(y == c)[0] for c in range(10)]]
+
+
+@pytest.fixture(scope="module")
+def fitted(checkpoint):
+    return LQAETokenizer(checkpoint, batch_size=8).fit()
+
+
+def model_input(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images[:, None].astype(np.float32) / 255.0)
+
+
+# -- outputs -----------------------------------------------------------------------------
+def test_ids_are_the_models_nearest_tokens(fitted, images):
+    ids = fitted.transform(images)
+    assert ids.shape == (len(images), 49) and ids.dtype == np.int64
+    with torch.inference_mode():
+        expected = fitted.model_.encode(model_input(images)).numpy()
+    np.testing.assert_array_equal(ids, expected)
+    allowed = set(fitted.model_.quantizer.allowed_ids.tolist())
+    assert set(np.unique(ids).tolist()) <= allowed
+
+
+def test_transform_is_deterministic_and_independent_of_batch_size(checkpoint, images):
+    a = LQAETokenizer(checkpoint, batch_size=3).fit().encode(images, ("ids", "embeddings"))
+    b = LQAETokenizer(checkpoint, batch_size=64).fit().encode(images, ("ids", "embeddings"))
+    c = LQAETokenizer(checkpoint, batch_size=64).fit().encode(images, ("ids", "embeddings"))
+    np.testing.assert_array_equal(b["ids"], c["ids"])
+    np.testing.assert_array_equal(b["embeddings"], c["embeddings"])
+    np.testing.assert_array_equal(a["ids"], b["ids"])
+    np.testing.assert_allclose(a["embeddings"], b["embeddings"], rtol=1e-5, atol=1e-5)
+
+
+def test_text_is_wordpiece_pieces_joined_by_spaces(fitted, images):
+    ids = fitted.encode(images, ("ids",))["ids"]
+    texts = fitted.set_params(output="text").transform(images)
+    fitted.set_params(output="ids")
+    assert isinstance(texts, list) and len(texts) == len(images)
+    tokenizer = fitted.model_.language_model.tokenizer
+    for row, text in zip(ids, texts):
+        assert text == " ".join(tokenizer.convert_ids_to_tokens(row.tolist()))
+        assert len(text.split(" ")) == 49
+    np.testing.assert_array_equal(fitted.text_to_ids(texts), ids)
+
+
+def test_every_codebook_token_round_trips_through_text(fitted):
+    allowed = fitted.model_.quantizer.allowed_ids.numpy()
+    pieces = fitted.model_.language_model.tokenizer.convert_ids_to_tokens(allowed.tolist())
+    assert not [p for p in pieces if p == "" or re.search(r"\s", p)], "a codebook piece holds whitespace"
+    padded = np.resize(allowed, -(-allowed.size // 49) * 49).reshape(-1, 49)  # every id at least once
+    np.testing.assert_array_equal(fitted.text_to_ids(fitted.ids_to_text(padded)), padded)
+
+
+def test_text_to_ids_names_the_bad_text_and_token(fitted, images):
+    text = fitted.ids_to_text(fitted.encode(images[:1], ("ids",))["ids"])[0]
+    tokens = text.split()
+    with pytest.raises(ValueError, match=r"texts\[1\] has 48 tokens"):
+        fitted.text_to_ids([text, " ".join(tokens[:-1])])
+    with pytest.raises(ValueError, match=r"texts\[0\], token 3 \('\[CLS\]'\)"):
+        fitted.text_to_ids([" ".join(tokens[:3] + ["[CLS]"] + tokens[4:])])
+    with pytest.raises(TypeError, match="not a single string"):
+        fitted.text_to_ids(text)
+    # Any whitespace separates tokens, so an LLM's line breaks do not matter.
+    np.testing.assert_array_equal(fitted.text_to_ids(["\n".join(tokens)]), fitted.text_to_ids([text]))
+
+
+def test_ids_outside_the_codebook_are_rejected(fitted):
+    ids = np.full((1, 49), fitted.model_.quantizer.allowed_ids[0].item())
+    ids[0, 5] = fitted.model_.language_model.tokenizer.cls_token_id
+    with pytest.raises(ValueError, match=r"ids\[0, 5\]"):
+        fitted.ids_to_text(ids)
+    with pytest.raises(ValueError, match=r"X\[0, 5\]"):
+        fitted.inverse_transform(ids)
+    with pytest.raises(ValueError, match=r"shape \(n_images, 49\)"):
+        fitted.inverse_transform(ids[:, :10])
+    with pytest.raises(ValueError, match="embeddings cannot be turned back"):
+        fitted.inverse_transform(np.random.default_rng(0).random((2, 49)))
+
+
+def test_embeddings_match_model_features_for_each_layer_choice(checkpoint, images):
+    tok = LQAETokenizer(checkpoint, output="embeddings", layers="all", batch_size=4).fit()
+    names = tok.model_.feature_layer_names()
+    assert tok.layers_ == names
+    with torch.inference_mode():
+        everything = tok.model_.features(model_input(images), names).numpy()
+    widths = [tok.model_.config.encoder_dim if n.startswith("encoder.") else tok.model_.language_model.hidden_size for n in names]
+    per_layer = dict(zip(names, np.split(everything, np.cumsum(widths)[:-1], axis=1)))
+    np.testing.assert_allclose(tok.transform(images), np.hstack([per_layer[n] for n in names]), rtol=1e-5, atol=1e-5)
+    for layers, expected_layers in [
+        ("default", names),
+        ("encoder", ["encoder.1", "encoder.2", "encoder.3", "encoder.4"]),
+        (["lm.0", "encoder.2"], ["lm.0", "encoder.2"]),
+        ("lm.3", ["lm.3"]),
+    ]:
+        tok = LQAETokenizer(checkpoint, output="embeddings", layers=layers, batch_size=4).fit()
+        assert tok.layers_ == expected_layers
+        features = tok.transform(images)
+        assert features.dtype == np.float32
+        assert features.shape == (len(images), len(tok.get_feature_names_out()))
+        expected = np.hstack([per_layer[n] for n in expected_layers])
+        np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_encode_runs_encoder_and_lm_once_per_batch(fitted, images):
+    calls = {"encoder": 0, "lm": 0}
+    model = fitted.model_
+    hooks = [
+        model.encoder.register_forward_hook(lambda *a: calls.__setitem__("encoder", calls["encoder"] + 1)),
+        model.language_model.register_forward_hook(lambda *a: calls.__setitem__("lm", calls["lm"] + 1)),
+    ]
+    try:
+        together = fitted.encode(images, ("ids", "text", "embeddings"))
+        batches = -(-len(images) // fitted.batch_size)
+        assert calls == {"encoder": batches, "lm": batches}
+        calls.update(encoder=0, lm=0)
+        fitted.encode(images, ("ids", "text"))
+        assert calls == {"encoder": batches, "lm": 0}  # no LM without embeddings
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert list(together) == ["ids", "text", "embeddings"]
+    np.testing.assert_array_equal(together["ids"], fitted.encode(images, "ids")["ids"])
+    assert together["text"] == fitted.ids_to_text(together["ids"])
+    with pytest.raises(ValueError, match="unknown outputs"):
+        fitted.encode(images, ("ids", "pixels"))
+
+
+def test_inverse_transform_reconstructs_images(fitted, images):
+    ids = fitted.transform(images[:4])
+    reconstructed = fitted.inverse_transform(ids)
+    assert reconstructed.shape == (4, 28, 28) and reconstructed.dtype == np.float32
+    assert reconstructed.min() >= 0.0 and reconstructed.max() <= 1.0
+    with torch.inference_mode():
+        expected = fitted.model_.decode(torch.from_numpy(ids))[:, 0].numpy()
+    np.testing.assert_allclose(reconstructed, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(fitted.inverse_transform(fitted.ids_to_text(ids)), reconstructed)
+
+
+# -- inputs ------------------------------------------------------------------------------
+def test_every_input_form_gives_the_same_ids(fitted, images, tmp_path):
+    expected = fitted.transform(images)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    forms = {
+        "float [0, 1]": images.astype(np.float64) / 255.0,
+        "float32 [0, 1]": images.astype(np.float32) / 255.0,
+        "(N, H, W, 1)": images[..., None],
+        "gray RGB": np.repeat(images[..., None], 3, axis=-1),
+        "list of arrays": list(images),
+        "list of PIL images": [Image.fromarray(im) for im in images],
+        "list of str paths": [str(p) for p in paths],
+        "list of Path": paths,
+        "Series of paths": pd.Series([str(p) for p in paths], index=np.arange(100, 100 + len(paths))),
+        "one-column DataFrame": pd.DataFrame({"path": [str(p) for p in paths]}),
+        "torch tensor": torch.from_numpy(images),
+    }
+    for name, X in forms.items():
+        np.testing.assert_array_equal(fitted.transform(X), expected, err_msg=name)
+
+
+def test_other_sizes_and_colours_are_converted_as_the_checkpoint_says(fitted, images):
+    big = [Image.fromarray(im).resize((56, 40), Image.Resampling.NEAREST).convert("RGB") for im in images[:4]]
+    expected = np.stack([np.asarray(im.convert("L").resize((28, 28), Image.Resampling.BILINEAR)) for im in big])
+    np.testing.assert_array_equal(fitted.transform(big), fitted.transform(expected))
+    as_array = np.stack([np.asarray(im) for im in big])  # (N, 40, 56, 3) uint8
+    np.testing.assert_array_equal(fitted.transform(as_array), fitted.transform(expected))
+    varied = [np.asarray(big[0]), images[1], np.asarray(big[2].convert("L"))]
+    assert fitted.transform(varied).shape == (3, 49)
+
+
+def test_bad_items_raise_errors_naming_them(fitted, images, tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(images[0]).save(good)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    missing = tmp_path / "missing.png"
+    with pytest.raises(ImageLoadError, match=re.escape(f"X[1] ({str(missing)!r})")):
+        fitted.transform([good, missing])
+    with pytest.raises(ImageLoadError, match=re.escape(f"X[2] ({str(corrupt)!r})")):
+        fitted.transform(pd.Series([str(good), str(good), str(corrupt)]))
+    with pytest.raises(ImageLoadError, match=r"X\[1\].*unsupported item of type NoneType"):
+        fitted.transform([str(good), None])
+    floats = images.astype(np.float32)  # 0..255 floats: a common mistake
+    with pytest.raises(ImageLoadError, match=r"X\[0\].*\[0, 1\]"):
+        fitted.transform(floats)
+    floats = images.astype(np.float32) / 255
+    floats[3, 2, 2] = np.nan
+    with pytest.raises(ImageLoadError, match=r"X\[3\].*NaN"):
+        fitted.transform(floats)
+    with pytest.raises(ImageLoadError, match=r"X\[1\].*\[0, 1\]"):
+        fitted.transform([images[0] / 255.0, images[1] * 2.0])
+    with pytest.raises(ValueError, match=r"reshape\(-1, 28, 28\)"):
+        fitted.transform(images.reshape(len(images), -1))
+    with pytest.raises(ValueError, match="channels-first"):
+        fitted.transform(np.zeros((2, 5, 28, 28), dtype=np.uint8))
+    with pytest.raises(TypeError, match="single path"):
+        fitted.transform(str(good))
+    with pytest.raises(ValueError, match="no images"):
+        fitted.transform([])
+
+
+# -- fitting, devices, caching -------------------------------------------------------------
+def test_unfitted_estimator_refuses_to_transform(checkpoint, images):
+    tok = LQAETokenizer(checkpoint)
+    with pytest.raises(NotFittedError):
+        check_is_fitted(tok)
+    with pytest.raises(NotFittedError):
+        tok.transform(images)
+    assert not hasattr(tok, "model_")
+    check_is_fitted(tok.fit())
+
+
+def test_fit_validates_parameters(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="output must be one of"):
+        LQAETokenizer(checkpoint, output="pixels").fit()
+    with pytest.raises(ValueError, match=r"unknown layers \['lm.99'\]"):
+        LQAETokenizer(checkpoint, layers=["lm.99"]).fit()
+    with pytest.raises(ValueError, match="twice"):
+        LQAETokenizer(checkpoint, layers=["lm.1", "lm.1"]).fit()
+    with pytest.raises(ValueError, match="batch_size"):
+        LQAETokenizer(checkpoint, batch_size=0).fit()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LQAETokenizer(tmp_path / "nowhere").fit()
+    with pytest.raises(ValueError, match="device"):
+        LQAETokenizer(checkpoint, device="quantum").fit()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="config.json"):
+        LQAETokenizer(tmp_path / "empty").fit()
+
+
+def test_device_auto_uses_cuda_only_when_present(fitted):
+    assert fitted.device_ == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert next(fitted.model_.parameters()).device.type == fitted.device_
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_explicit_cuda_without_cuda_is_an_error(checkpoint):
+    with pytest.raises(ValueError, match="not available on this machine"):
+        LQAETokenizer(checkpoint, device="cuda").fit()
+
+
+def test_default_checkpoint_is_used_when_none_is_given():
+    tok = LQAETokenizer()
+    if DEFAULT_CHECKPOINT.exists():
+        assert tok.fit().checkpoint_ == str(DEFAULT_CHECKPOINT)
+    else:
+        with pytest.raises(FileNotFoundError, match="default checkpoint is not installed"):
+            tok.fit()
+
+
+def test_refits_and_clones_share_one_loaded_model(checkpoint, tmp_path):
+    a = LQAETokenizer(checkpoint).fit()
+    b = LQAETokenizer(checkpoint, output="text").fit()
+    assert a.model_ is b.model_
+    assert a.fit().model_ is b.model_
+    # A rewritten checkpoint is a new model, not a stale cache entry.
+    copy = save_checkpoint(a.model_, tmp_path / "copy")
+    first = LQAETokenizer(copy).fit().model_
+    torch.manual_seed(1)
+    save_checkpoint(LQAE(preset_config("small-28"), a.model_.language_model).eval(), copy)
+    assert LQAETokenizer(copy).fit().model_ is not first
+    assert len(_MODELS) <= 4
+
+
+# -- pickling ------------------------------------------------------------------------------
+def test_joblib_round_trip_gives_identical_outputs_and_stores_no_weights(checkpoint, images, tmp_path):
+    tok = LQAETokenizer(checkpoint, output="embeddings", layers="all", batch_size=8).fit()
+    expected = tok.encode(images, ("ids", "embeddings"))
+    joblib.dump(tok, tmp_path / "tok.joblib")
+    assert (tmp_path / "tok.joblib").stat().st_size < 100_000  # the weights are megabytes
+    loaded = joblib.load(tmp_path / "tok.joblib")
+    assert "_model" not in vars(loaded)  # reloaded lazily, from the checkpoint path
+    check_is_fitted(loaded)
+    assert loaded.get_params() == tok.get_params()
+    again = loaded.encode(images, ("ids", "embeddings"))
+    np.testing.assert_array_equal(again["ids"], expected["ids"])
+    np.testing.assert_array_equal(again["embeddings"], expected["embeddings"])
+    np.testing.assert_array_equal(loaded.get_feature_names_out(), tok.get_feature_names_out())
+
+
+def test_unfitted_estimator_pickles_as_its_parameters(checkpoint):
+    tok = pickle.loads(pickle.dumps(LQAETokenizer(checkpoint, output="text", layers=["lm.2"])))
+    assert tok.get_params()["layers"] == ["lm.2"]
+    with pytest.raises(NotFittedError):
+        tok.transform(np.zeros((1, 28, 28), dtype=np.uint8))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="simulates unpickling on a machine without CUDA")
+def test_cuda_pickle_loads_on_a_cpu_machine_with_a_warning(checkpoint, images):
+    tok = LQAETokenizer(checkpoint, batch_size=8).fit()
+    expected = tok.transform(images)
+    state = tok.__getstate__()
+    state.update(device="cuda", device_="cuda")  # as pickled on a GPU machine with device="cuda"
+    gpu_pickle = pickle.dumps(state)
+    restored = LQAETokenizer.__new__(LQAETokenizer)
+    with pytest.warns(DeviceWarning, match="runs on the CPU"):
+        restored.__setstate__(pickle.loads(gpu_pickle))
+    assert restored.device == "cpu" and restored.device_ == "cpu"
+    np.testing.assert_array_equal(restored.transform(images), expected)
+    # device="auto" pickled on a GPU machine: CPU here, and no warning needed.
+    state.update(device="auto", device_="cuda")
+    auto = LQAETokenizer.__new__(LQAETokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeviceWarning)
+        auto.__setstate__(state)
+    assert auto.device_ == "cpu"
+    np.testing.assert_array_equal(auto.transform(images), expected)
+
+
+def test_unpickled_estimator_refuses_a_changed_or_missing_checkpoint(fitted, images, tmp_path):
+    path = save_checkpoint(fitted.model_, tmp_path / "ck")
+    tok = LQAETokenizer(path).fit()
+    data = pickle.dumps(tok)
+    torch.manual_seed(2)
+    save_checkpoint(LQAE(preset_config("small-28"), fitted.model_.language_model).eval(), path)
+    with pytest.raises(CheckpointError, match="has changed since"):
+        pickle.loads(data).transform(images[:1])
+    moved = pickle.loads(data)
+    moved.checkpoint_ = str(tmp_path / "gone")
+    with pytest.raises(CheckpointError, match="does not exist on this machine"):
+        moved.transform(images[:1])
+
+
+# -- feature names and pandas output --------------------------------------------------------
+def test_feature_names_follow_the_output(checkpoint, images):
+    tok = LQAETokenizer(checkpoint, layers=["encoder.4", "lm.6"], batch_size=8).fit()
+    assert list(tok.get_feature_names_out()) == [f"token_{i}" for i in range(49)]
+    tok.set_params(output="text")
+    assert list(tok.get_feature_names_out()) == ["text"]
+    tok.set_params(output="embeddings")
+    names = tok.get_feature_names_out()
+    widths = (tok.checkpoint_config_["model"]["encoder_dim"], tok.checkpoint_config_["language_model"]["hidden_size"])
+    assert len(names) == sum(widths) == tok.transform(images[:2]).shape[1]
+    assert names[0] == "lqaetokenizer_encoder.4_0" and names[-1] == f"lqaetokenizer_lm.6_{widths[1] - 1}"
+
+
+def test_set_output_pandas(checkpoint, images):
+    tok = LQAETokenizer(checkpoint, output="embeddings", layers="last", batch_size=8).fit()
+    expected = tok.transform(images)
+    frame = tok.set_output(transform="pandas").transform(images)
+    assert isinstance(frame, pd.DataFrame)
+    assert list(frame.columns) == list(tok.get_feature_names_out())
+    np.testing.assert_array_equal(frame.to_numpy(), expected)
+    ids = tok.set_params(output="ids").transform(images)
+    assert isinstance(ids, pd.DataFrame) and ids.shape == (len(images), 49) and ids.columns[0] == "token_0"
