@@ -46,6 +46,13 @@ class LQAEConfig:
         training (the paper uses 0.5). Inference always uses 0.
     commitment_weight
         Weight of ``mse(x, sg(q))``. The official run's effective value is 0.01.
+    normalize_latents
+        Rescale each encoder output to the norm of its chosen codebook row before
+        the straight-through estimator and the commitment loss, making both depend
+        on direction only (the search is by cosine anyway). The official code does
+        not; without it, our 28x28 GPU run's latent norms grew without bound (the
+        commitment, averaged over 384 x 49 latent elements per 784 pixels, is 24x
+        weaker per element than at the paper's 256 px) and the codebook collapsed.
     mlm_weight
         Weight of the masked-token prediction loss against the image's own ids.
     """
@@ -65,6 +72,7 @@ class LQAEConfig:
     codebook_exclude: Literal["special", "none"] = "special"
     mask_ratio: float = 0.5
     commitment_weight: float = 0.01
+    normalize_latents: bool = False
     mlm_weight: float = 1e-4
 
     def __post_init__(self) -> None:
@@ -122,6 +130,7 @@ PRESETS: dict[str, dict] = {
         image_size=28, in_channels=1, patch_size=4,
         encoder_dim=256, encoder_depth=4, encoder_heads=4,
         decoder_dim=256, decoder_depth=4, decoder_heads=4,
+        normalize_latents=True,
     ),
     # 64-128 px RGB: 64 px with patch 8 gives 64 tokens; override image_size=128
     # (and patch_size=16) for larger inputs.
@@ -129,6 +138,7 @@ PRESETS: dict[str, dict] = {
         image_size=64, in_channels=3, patch_size=8,
         encoder_dim=384, encoder_depth=6, encoder_heads=6,
         decoder_dim=384, decoder_depth=6, decoder_heads=6,
+        normalize_latents=True,
     ),
 }
 

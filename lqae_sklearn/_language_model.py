@@ -37,8 +37,12 @@ def resolve_language_model(name_or_path: str) -> str:
 
 
 def embedding_fingerprint(weight: torch.Tensor) -> str:
-    """SHA-256 of the embedding matrix as contiguous float32 bytes (first 16 hex digits)."""
-    data = weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    """SHA-256 of the embedding matrix rounded to bfloat16 (first 16 hex digits).
+
+    Rounding first makes the identity independent of the precision the LM was
+    loaded in (float32 on a CPU, bf16 on a GPU), while any other LM still differs.
+    """
+    data = weight.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
     return hashlib.sha256(data).hexdigest()[:16]
 
 

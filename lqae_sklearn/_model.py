@@ -116,7 +116,7 @@ class LQAE(nn.Module):
         if mask_ratio is None:
             mask_ratio = c.mask_ratio if self.training else 0.0
         z = self.encoder(images)
-        q, ids, commitment = self.quantizer(z, self.language_model.codebook)
+        q, ids, commitment = self.quantizer(z, self.language_model.codebook, c.normalize_latents)
         mask = torch.rand(ids.shape, device=ids.device, generator=generator) < mask_ratio
         mask_embedding = self.language_model.codebook[self.language_model.mask_token_id].to(q.dtype)
         q = torch.where(mask.unsqueeze(-1), mask_embedding, q)

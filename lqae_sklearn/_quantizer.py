@@ -85,15 +85,23 @@ class LanguageQuantizer(nn.Module):
                 out.append(candidates.gather(1, exact.argmax(dim=1, keepdim=True)).squeeze(1))
         return torch.cat(out)
 
-    def forward(self, x: torch.Tensor, codebook: torch.Tensor):
+    def forward(self, x: torch.Tensor, codebook: torch.Tensor, normalize_latents: bool = False):
         """Quantize ``x`` (B, T, D).
 
-        Returns ``(quantized, ids, commitment)``: the raw codebook rows with a
-        straight-through gradient to ``x``, their vocabulary ids, and the
+        Returns ``(quantized, ids, commitment)``: the raw codebook rows (float32)
+        with a straight-through gradient to ``x``, their vocabulary ids, and the
         commitment loss ``mse(x, sg(q))`` (the codebook is frozen, so the
         codebook-side term of a VQ-VAE has no gradient and is left out).
+
+        With ``normalize_latents``, ``x`` is first rescaled to the norm of its
+        chosen row. The search is by cosine already, so this removes the one
+        degree of freedom, the latent's length, that nothing else constrains.
         """
         ids = self.nearest(x)
-        q = F.embedding(ids, codebook).to(x.dtype)
-        commitment = F.mse_loss(x.float(), q.float())
+        q = F.embedding(ids, codebook).float()
+        # float32 on purpose: in bf16, x + (q - x) is not q once |x| >> |q|.
+        x = x.float()
+        if normalize_latents:
+            x = F.normalize(x, dim=-1) * q.norm(dim=-1, keepdim=True)
+        commitment = F.mse_loss(x, q)
         return x + (q - x).detach(), ids, commitment
