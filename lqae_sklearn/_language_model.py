@@ -81,7 +81,9 @@ class FrozenLanguageModel(nn.Module):
         hf_logging.set_verbosity_error()  # "some weights were not initialised" is expected for heads
         hf_logging.disable_progress_bar()
         try:
-            masked_lm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+            # float32 whatever the stored precision: CPU kernels want one dtype, and
+            # training casts to bf16 under autocast where that pays.
+            masked_lm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(path)
         except OSError as exc:
             raise OSError(
