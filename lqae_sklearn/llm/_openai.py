@@ -1,0 +1,321 @@
+"""Scoring through an OpenAI-compatible HTTP server (``/v1/completions``, ``echo`` + ``logprobs``).
+
+vLLM and llama.cpp's server (and the legacy OpenAI completions API) return the
+log-probability of every *prompt* token when asked for ``echo=true``, ``logprobs``
+and ``max_tokens=0``. That is all a few-shot classifier needs: each prompt is
+``prefix + query + label``, and the label's score is the sum of the log-probs of the
+tokens that cover the label's characters. The server tokenises the whole prompt, so a
+token that straddles the query/label boundary counts as a label token.
+
+Prefix reuse is the server's job here (vLLM's automatic prefix caching, llama.cpp's
+``cache_prompt``): every prompt of a request starts with the same demonstrations.
+
+Only the standard library is used (``urllib``). Errors:
+
+* HTTP 429 and 5xx, and failures to connect, are retried up to ``max_retries`` times,
+  waiting ``Retry-After`` when the server sends it, else ``backoff * 2**attempt``
+  seconds (at most ``max_backoff``).
+* Any other HTTP status (400, 401, 404, ...) fails at once with the server's message.
+* A server that does not answer within ``timeout`` seconds raises
+  :class:`LLMServerTimeout` at once: retrying a hung server would multiply the wait.
+* A body that is not JSON, or a completion without prompt log-probs, raises
+  :class:`LLMServerError` naming the problem.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from typing import Sequence
+
+import numpy as np
+
+from ._base import ContinuationScores, LanguageModelBackend, LLMBackendError, check_score_arguments
+
+_RETRIED_STATUS = "429 and 5xx"
+
+
+class LLMServerError(LLMBackendError):
+    """An OpenAI-compatible server failed to score prompts.
+
+    Attributes
+    ----------
+    status : int or None
+        The HTTP status, when the server answered with one.
+    """
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class LLMServerTimeout(LLMServerError, TimeoutError):
+    """The server did not answer within the backend's ``timeout``."""
+
+
+class OpenAICompatibleBackend(LanguageModelBackend):
+    """Label scoring by an OpenAI-compatible ``/v1/completions`` endpoint.
+
+    Parameters
+    ----------
+    base_url : str or None, default=None
+        The API root, e.g. ``"http://127.0.0.1:8000/v1"``. None reads
+        ``$OPENAI_BASE_URL``.
+    api_key : str or None, default=None
+        Sent as ``Authorization: Bearer <key>``. None reads ``$OPENAI_API_KEY``;
+        no header is sent when neither is set.
+    model : str or None, default=None
+        The ``model`` field of each request. None asks ``GET {base_url}/models``
+        once and uses the first model listed (omitting the field if that fails).
+    timeout : float, default=60.0
+        Seconds to wait for the server on each connection attempt and read.
+    max_retries : int, default=3
+        Retries after a 429, a 5xx or a connection failure.
+    backoff : float, default=0.5
+        First wait between retries, doubled on each retry, unless ``Retry-After`` says.
+    max_backoff : float, default=30.0
+        Longest wait between two attempts.
+    batch_size : int, default=16
+        Prompts per request.
+    """
+
+    def __init__(
+        self,
+        base_url=None,
+        *,
+        api_key=None,
+        model=None,
+        timeout=60.0,
+        max_retries=3,
+        backoff=0.5,
+        max_backoff=30.0,
+        batch_size=16,
+    ):
+        self.base_url = base_url
+        self.api_key = api_key
+        self.model = model
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.batch_size = batch_size
+        self._served_model = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_served_model"] = None
+        return state
+
+    def __repr__(self) -> str:  # never show the key
+        return f"{type(self).__name__}({self.identity!r}, model={self.model!r})"
+
+    @property
+    def identity(self) -> str:
+        return self._base_url() if (self.base_url or os.environ.get("OPENAI_BASE_URL")) else "<no base_url>"
+
+    # -- configuration -----------------------------------------------------------------------------
+    def _base_url(self) -> str:
+        url = self.base_url if self.base_url is not None else os.environ.get("OPENAI_BASE_URL")
+        if not url:
+            raise ValueError(
+                "OpenAICompatibleBackend needs a server: pass base_url (e.g. 'http://127.0.0.1:8000/v1') "
+                "or set $OPENAI_BASE_URL"
+            )
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must be an http(s) URL, got {url!r}")
+        return url.rstrip("/")
+
+    def _api_key(self) -> str | None:
+        return self.api_key if self.api_key is not None else os.environ.get("OPENAI_API_KEY")
+
+    def load(self) -> "OpenAICompatibleBackend":
+        self._base_url()
+        for name in ("timeout", "backoff", "max_backoff"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
+        for name, low in (("max_retries", 0), ("batch_size", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        return self
+
+    # -- HTTP ---------------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+        """Send one request with the retry policy; return the decoded JSON object."""
+        url = self._base_url() + path
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        key = self._api_key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        data = json.dumps(body).encode() if body is not None else None
+        attempts = int(self.max_retries) + 1
+        for attempt in range(attempts):
+            last = attempt == attempts - 1
+            request = urllib.request.Request(url, data=data, headers=headers, method=method)
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    raw = response.read()
+                    status = response.status
+            except urllib.error.HTTPError as error:
+                message = _error_message(error)
+                if error.code == 429 or 500 <= error.code < 600:
+                    if not last:
+                        time.sleep(self._wait(attempt, error.headers.get("Retry-After")))
+                        continue
+                    raise LLMServerError(
+                        f"{method} {url} failed with HTTP {error.code} ({message}) on all {attempts} attempts",
+                        status=error.code,
+                    ) from error
+                raise LLMServerError(
+                    f"{method} {url} failed with HTTP {error.code}: {message} "
+                    f"(not retried: only {_RETRIED_STATUS} and connection errors are)",
+                    status=error.code,
+                ) from error
+            except (TimeoutError, socket.timeout) as error:
+                raise LLMServerTimeout(f"{method} {url}: no answer within timeout={self.timeout} s") from error
+            except (urllib.error.URLError, ConnectionError) as error:
+                reason = getattr(error, "reason", error)
+                if isinstance(reason, (TimeoutError, socket.timeout)):
+                    raise LLMServerTimeout(
+                        f"{method} {url}: no answer within timeout={self.timeout} s"
+                    ) from error
+                if not last:
+                    time.sleep(self._wait(attempt, None))
+                    continue
+                raise LLMServerError(
+                    f"{method} {url}: could not connect ({reason}) on all {attempts} attempts"
+                ) from error
+            try:
+                decoded = json.loads(raw)
+            except ValueError as error:
+                raise LLMServerError(
+                    f"{method} {url} answered HTTP {status} with a body that is not JSON: {raw[:200]!r}",
+                    status=status,
+                ) from error
+            if not isinstance(decoded, dict):
+                raise LLMServerError(
+                    f"{method} {url} answered JSON that is not an object: {raw[:200]!r}", status=status
+                )
+            return decoded
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _wait(self, attempt: int, retry_after: str | None) -> float:
+        wait = float(self.backoff) * 2.0**attempt
+        if retry_after:
+            try:
+                wait = float(retry_after)
+            except ValueError:
+                parsed = email.utils.parsedate_to_datetime(retry_after)
+                if parsed is not None:
+                    wait = parsed.timestamp() - time.time()
+        return min(max(wait, 0.0), float(self.max_backoff))
+
+    def served_model(self) -> str | None:
+        """The ``model`` field sent with each request (asks the server once when not given)."""
+        if self.model is not None:
+            return self.model
+        if self._served_model is None:
+            try:
+                listing = self._request("GET", "/models")
+                self._served_model = listing["data"][0]["id"]
+            except (LLMServerError, KeyError, IndexError, TypeError):
+                self._served_model = ""  # the server does not list models: omit the field
+        return self._served_model or None
+
+    # -- scoring ------------------------------------------------------------------------------------
+    def score(self, prefix, queries, continuations) -> ContinuationScores:
+        prefix, queries, continuations = check_score_arguments(prefix, queries, continuations)
+        self.load()
+        prompts, starts = [], []
+        for query in queries:
+            for continuation in continuations:
+                prompts.append(prefix + query + continuation)
+                starts.append(len(prefix) + len(query))
+        logprob = np.zeros(len(prompts))
+        n_tokens = np.zeros(len(prompts), dtype=np.int64)
+        model = self.served_model()
+        for begin in range(0, len(prompts), int(self.batch_size)):
+            chunk = slice(begin, begin + int(self.batch_size))
+            body = {
+                "prompt": prompts[chunk],
+                "max_tokens": 0,
+                "echo": True,
+                "logprobs": 1,
+                "temperature": 0.0,
+            }
+            if model is not None:
+                body["model"] = model
+            reply = self._request("POST", "/completions", body)
+            for offset, (lp, n) in enumerate(self._parse(reply, prompts[chunk], starts[chunk])):
+                logprob[begin + offset] = lp
+                n_tokens[begin + offset] = n
+        shape = (len(queries), len(continuations))
+        return ContinuationScores(logprob=logprob.reshape(shape), n_tokens=n_tokens.reshape(shape))
+
+    def _parse(self, reply: dict, prompts: Sequence[str], starts: Sequence[int]):
+        where = f"{self._base_url()}/completions"
+        choices = reply.get("choices")
+        if not isinstance(choices, list) or len(choices) != len(prompts):
+            raise LLMServerError(
+                f"{where} returned {len(choices) if isinstance(choices, list) else 'no'} choices "
+                f"for {len(prompts)} prompts"
+            )
+        choices = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
+        for choice, prompt, start in zip(choices, prompts, starts):
+            yield _label_logprob(choice, prompt, start, where)
+
+
+def _label_logprob(choice, prompt: str, start: int, where: str) -> tuple[float, int]:
+    """Sum of the log-probs of the echoed tokens that cover ``prompt[start:]``."""
+    cannot = (
+        f"{where} cannot score prompts: it returned no log-probabilities for the prompt's tokens. "
+        "The server must support echo=true with logprobs and max_tokens=0 on /v1/completions "
+        "(vLLM and llama.cpp's server do; the chat API does not)"
+    )
+    logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
+    if not isinstance(logprobs, dict):
+        raise LLMServerError(cannot)
+    tokens = logprobs.get("tokens")
+    values = logprobs.get("token_logprobs")
+    if not isinstance(tokens, list) or not isinstance(values, list) or len(tokens) != len(values) or not tokens:
+        raise LLMServerError(cannot)
+    offsets = logprobs.get("text_offset")
+    if not isinstance(offsets, list) or len(offsets) != len(tokens):
+        offsets = np.concatenate([[0], np.cumsum([len(t) for t in tokens])[:-1]]).tolist()
+    total, count = 0.0, 0
+    for token, value, offset in zip(tokens, values, offsets):
+        # Tokens past the prompt would be generated ones; a token counts for the label
+        # when it ends inside the label's characters.
+        if offset >= len(prompt) or offset + len(token) <= start:
+            continue
+        if value is None:
+            raise LLMServerError(f"{where} returned no log-probability for the label token {token!r}")
+        total += float(value)
+        count += 1
+    if count == 0:
+        raise LLMServerError(cannot.replace("no log-probabilities", "no echoed tokens for the label"))
+    return total, count
+
+
+def _error_message(error: urllib.error.HTTPError) -> str:
+    """The server's error message (OpenAI style ``{"error": {"message": ...}}``) or its body."""
+    try:
+        raw = error.read()
+    except OSError:
+        return error.reason or ""
+    try:
+        payload = json.loads(raw)
+        detail = payload.get("error", payload)
+        if isinstance(detail, dict):
+            detail = detail.get("message", detail)
+        return str(detail)[:300]
+    except (ValueError, AttributeError):
+        return raw[:300].decode("utf-8", "replace")

@@ -1,0 +1,189 @@
+"""OpenAI-compatible backend against real HTTP servers on 127.0.0.1 (see tests/_llm_servers.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _llm_models import tiny_model_dir  # noqa: E402
+from _llm_servers import FaultServer, ModelServer, synthetic_logprob  # noqa: E402
+
+from lqae_sklearn import LLMFewShotClassifier  # noqa: E402
+from lqae_sklearn.llm import (  # noqa: E402
+    HuggingFaceBackend,
+    LLMServerError,
+    LLMServerTimeout,
+    OpenAICompatibleBackend,
+    embedded_model_dir,
+)
+
+PREFIX = "Input: shoe ##s black\nOutput: dax\nInput: bag strap\nOutput: blicket\n"
+QUERIES = ["Input: shoe black\nOutput:", "Input: strap ##s bag wool\nOutput:"]
+LABELS = [" dax\n", " blicket\n"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Single-threaded torch: on a busy 2-core machine OpenMP spinning slows small models ~40x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _fast(url, **kwargs):
+    """A client with test-sized timeouts and back-off."""
+    options = dict(model="m", timeout=5.0, max_retries=3, backoff=0.01, max_backoff=1.0)
+    options.update(kwargs)
+    return OpenAICompatibleBackend(url, **options)
+
+
+def _expected(prefix, queries, labels):
+    return np.array([[synthetic_logprob(lab) for lab in labels] for _ in queries])
+
+
+# -- a server that really scores ----------------------------------------------------------------------
+def test_model_server_scores_match_local_backend():
+    local = HuggingFaceBackend(tiny_model_dir(), device="cpu")
+    with ModelServer(local.torch_model, str(Path(tiny_model_dir()) / "tokenizer.json"), bos_token_id=1) as server:
+        remote = OpenAICompatibleBackend(server.url, batch_size=3)  # model name discovered via /v1/models
+        scores = remote.score(PREFIX, QUERIES, LABELS)
+        requests = server.completion_requests()
+    expected = local.score(PREFIX, QUERIES, LABELS)
+    np.testing.assert_allclose(scores.logprob, expected.logprob, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(scores.n_tokens, expected.n_tokens)
+    assert len(requests) == 2  # 4 prompts, 3 per request
+    assert requests[0]["body"]["model"] == "local-model"
+    assert requests[0]["body"]["echo"] is True and requests[0]["body"]["max_tokens"] == 0
+
+
+def test_classifier_through_server_matches_embedded_gemma():
+    """The classifier gives the same probabilities through HTTP as with the model in-process."""
+    local = HuggingFaceBackend(device="cpu", dtype="float32")
+    texts = ["shoe ##s black sleeve", "bag strap wool", "shoe black ##s", "strap bag ##ish"]
+    labels = ["dax", "blicket", "dax", "blicket"]
+    queries = ["shoe ##s black", "bag wool strap"]
+    with ModelServer(
+        local.torch_model, str(embedded_model_dir() / "tokenizer.json"), bos_token_id=2, name="gemma"
+    ) as server:
+        remote = LLMFewShotClassifier(
+            server.url, n_examples_per_class=2, random_state=0, llm_options={"model": "gemma"}
+        )
+        proba_remote = remote.fit(texts, labels).predict_proba(queries)
+    proba_local = LLMFewShotClassifier(local, n_examples_per_class=2, random_state=0).fit(texts, labels).predict_proba(queries)
+    np.testing.assert_allclose(proba_remote, proba_local, atol=1e-3)
+    assert proba_local.shape == (2, 2) and not np.allclose(proba_local, 0.5)
+
+
+# -- configuration ------------------------------------------------------------------------------------------
+def test_base_url_and_key_from_environment(monkeypatch):
+    with FaultServer() as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test-123")
+        backend = OpenAICompatibleBackend(model="m")
+        scores = backend.score("Input: a\nOutput:", ["Input: b\nOutput:"], [" x\n", " yy\n"])
+        (request,) = server.completion_requests()
+    assert request["headers"]["Authorization"] == "Bearer sk-test-123"
+    np.testing.assert_allclose(scores.logprob, [[synthetic_logprob(" x\n"), synthetic_logprob(" yy\n")]])
+    np.testing.assert_array_equal(scores.n_tokens, [[3, 4]])
+    assert "sk-test" not in repr(backend)
+
+
+def test_explicit_key_wins_and_no_key_sends_no_header(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with FaultServer() as server:
+        _fast(server.url).score("p", ["q"], [" a"])
+        _fast(server.url, api_key="explicit").score("p", ["q"], [" a"])
+        first, second = server.completion_requests()
+    assert "Authorization" not in first["headers"]
+    assert second["headers"]["Authorization"] == "Bearer explicit"
+
+
+def test_missing_base_url_is_explained(monkeypatch):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(ValueError, match="pass base_url .* or set \\$OPENAI_BASE_URL"):
+        OpenAICompatibleBackend().load()
+    with pytest.raises(ValueError, match="must be an http"):
+        OpenAICompatibleBackend("ftp://x").load()
+
+
+# -- retries: exactly on 429, 5xx and connection errors -----------------------------------------------------
+def test_429_waits_retry_after_then_succeeds():
+    with FaultServer([("429", 0.3)]) as server:
+        scores = _fast(server.url).score("p", ["q1", "q2"], [" ab", " c"])
+        requests = server.completion_requests()
+    assert len(requests) == 2
+    assert requests[1]["time"] - requests[0]["time"] >= 0.3  # honoured Retry-After, not the 0.01 s back-off
+    np.testing.assert_allclose(scores.logprob, _expected("p", ["q1", "q2"], [" ab", " c"]))
+
+
+def test_5xx_are_retried():
+    with FaultServer(["500", "503"]) as server:
+        scores = _fast(server.url).score("p", ["q"], [" ab"])
+        assert len(server.completion_requests()) == 3
+    np.testing.assert_allclose(scores.logprob, [[synthetic_logprob(" ab")]])
+
+
+def test_persistent_5xx_gives_up_after_max_retries():
+    with FaultServer(["500"] * 10) as server:
+        with pytest.raises(LLMServerError, match="HTTP 500 .*server fell over.* on all 3 attempts") as info:
+            _fast(server.url, max_retries=2).score("p", ["q"], [" ab"])
+        assert len(server.completion_requests()) == 3
+    assert info.value.status == 500
+
+
+def test_dropped_connection_is_retried():
+    with FaultServer(["drop"]) as server:
+        scores = _fast(server.url).score("p", ["q"], [" ab"])
+        assert len(server.completion_requests()) == 2
+    np.testing.assert_allclose(scores.logprob, [[synthetic_logprob(" ab")]])
+
+
+def test_refused_connection_is_retried_then_explained():
+    with FaultServer() as server:
+        url = server.url
+    # The server is closed: nothing listens on that port any more.
+    with pytest.raises(LLMServerError, match="could not connect .* on all 3 attempts"):
+        _fast(url, max_retries=2).score("p", ["q"], [" ab"])
+
+
+def test_400_fails_fast_with_the_servers_message():
+    with FaultServer(["400"]) as server:
+        with pytest.raises(LLMServerError, match="HTTP 400: prompt is too long for the context window .*not retried") as info:
+            _fast(server.url).score("p", ["q"], [" ab"])
+        assert len(server.completion_requests()) == 1
+    assert info.value.status == 400
+
+
+def test_hang_past_timeout_surfaces_as_timeout_without_retry():
+    with FaultServer([("hang", 3.0)]) as server:
+        with pytest.raises(LLMServerTimeout, match="no answer within timeout=0.5 s"):
+            _fast(server.url, timeout=0.5).score("p", ["q"], [" ab"])
+        assert len(server.completion_requests()) == 1
+    assert issubclass(LLMServerTimeout, TimeoutError)
+
+
+def test_malformed_json_is_reported_not_retried():
+    with FaultServer(["badjson"]) as server:
+        with pytest.raises(LLMServerError, match="body that is not JSON"):
+            _fast(server.url).score("p", ["q"], [" ab"])
+        assert len(server.completion_requests()) == 1
+
+
+def test_server_that_cannot_score_prompts_is_named():
+    with FaultServer(["nologprobs"]) as server:
+        with pytest.raises(LLMServerError, match="cannot score prompts.*echo=true with logprobs"):
+            _fast(server.url).score("p", ["q"], [" ab"])
+
+
+def test_classifier_reports_server_errors():
+    with FaultServer(["400"]) as server:
+        clf = LLMFewShotClassifier(server.url, llm_options={"model": "m", "max_retries": 0})
+        clf.fit(["a b", "c d"], ["x", "y"])
+        with pytest.raises(LLMServerError, match="HTTP 400"):
+            clf.predict(["a b"])
