@@ -7,8 +7,10 @@ same sliding/full attention mix as the real Gemma at a fraction of the cost.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,6 +24,7 @@ def tiny_model_dir() -> str:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     folder = Path(tempfile.mkdtemp(prefix="lqae-tiny-llm-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{ch: i + 3 for i, ch in enumerate(alphabet)}}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
