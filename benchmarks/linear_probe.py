@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -75,6 +76,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--check-size", type=int, default=300, help="images for the literal-pipeline check")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--features-cache", default=None,
+                        help="npz file: reuse the encoded ids/embeddings if it exists, else write them there")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,12 +99,21 @@ def main(argv=None) -> dict:
                         device=args.device, progress=True).fit()
     results["checkpoint"] = tok.checkpoint_
     results["device"] = tok.device_
-    start = time.perf_counter()
-    train = tok.encode(X_train, ("ids", "embeddings"))
-    test = tok.encode(X_test, ("ids", "embeddings"))
-    seconds = time.perf_counter() - start
-    results["encode"] = {"images": len(X_train) + len(X_test), "seconds": seconds,
-                         "images_per_s": (len(X_train) + len(X_test)) / seconds, "threads": torch.get_num_threads()}
+    if args.features_cache and os.path.exists(args.features_cache):
+        cached = np.load(args.features_cache)
+        train = {"ids": cached["train_ids"], "embeddings": cached["train_embeddings"]}
+        test = {"ids": cached["test_ids"], "embeddings": cached["test_embeddings"]}
+        results["encode"] = {"cached": args.features_cache}
+    else:
+        start = time.perf_counter()
+        train = tok.encode(X_train, ("ids", "embeddings"))
+        test = tok.encode(X_test, ("ids", "embeddings"))
+        seconds = time.perf_counter() - start
+        results["encode"] = {"images": len(X_train) + len(X_test), "seconds": seconds,
+                             "images_per_s": (len(X_train) + len(X_test)) / seconds, "threads": torch.get_num_threads()}
+        if args.features_cache:
+            np.savez(args.features_cache, train_ids=train["ids"], train_embeddings=train["embeddings"],
+                     test_ids=test["ids"], test_embeddings=test["embeddings"])
     print(json.dumps({"encode": results["encode"]}), flush=True)
 
     widths = tok._layer_widths()
