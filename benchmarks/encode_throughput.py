@@ -76,7 +76,7 @@ def counted_flops(tok: LQAETokenizer, images: np.ndarray, layers: list[str]) -> 
     """FLOPs per image as torch's flop counter sees one forward pass."""
     batch = torch.from_numpy(images[:8, None].astype(np.float32) / 255.0)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        tok._forward(tok.model_, batch, True, layers)
+        tok.model_.encode_with_features(batch, layers, with_ids=True)
     return counter.get_total_flops() / len(batch)
 
 

@@ -100,14 +100,24 @@ class LQAE(nn.Module):
         The unmasked token sequence goes through the frozen LM, as for the
         paper's linear probe.
         """
-        need_lm = any(name.startswith("lm.") for name in layers)
+        return self.encode_with_features(images, layers)[1]
+
+    def encode_with_features(self, images: torch.Tensor, layers: list[str], with_ids: bool = True):
+        """Token ids and :meth:`features` from one encoder pass (and one LM pass).
+
+        Returns ``(ids or None, features or None)``; ids are computed when
+        ``with_ids`` or when an LM layer needs them.
+        """
+        if not layers:
+            return (self.encode(images) if with_ids else None), None
         z, enc_layers = self.encoder(images, return_layers=True)
         by_name = {f"encoder.{i + 1}": h for i, h in enumerate(enc_layers)}
+        need_lm = any(name.startswith("lm.") for name in layers)
+        ids = self.quantizer.nearest(z) if with_ids or need_lm else None
         if need_lm:
-            ids = self.quantizer.nearest(z)
             lm_layers = self.language_model(self.embed_ids(ids), output_hidden_states=True)
             by_name.update({f"lm.{i}": h for i, h in enumerate(lm_layers)})
-        return torch.cat([by_name[name].float().mean(dim=1) for name in layers], dim=1)
+        return ids, torch.cat([by_name[name].float().mean(dim=1) for name in layers], dim=1)
 
     # -- training --------------------------------------------------------------------
     def forward(self, images: torch.Tensor, mask_ratio: float | None = None, generator=None) -> LQAEOutput:

@@ -300,7 +300,7 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         with torch.inference_mode():
             for start in starts:
                 batch = torch.from_numpy(source.batch(start, start + int(self.batch_size))).to(device)
-                ids, features = self._forward(model, batch, need_ids, layers)
+                ids, features = model.encode_with_features(batch, layers, with_ids=need_ids)
                 if ids is not None:
                     ids_parts.append(ids.cpu().numpy())
                 if features is not None:
@@ -316,27 +316,6 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         if want_embeddings:
             result["embeddings"] = np.concatenate(feature_parts).astype(np.float32, copy=False)
         return {name: result[name] for name in outputs}
-
-    @staticmethod
-    def _forward(model, images, need_ids: bool, layers: list[str]):
-        """Ids (B, T) and/or token-averaged layer features (B, D) of one batch.
-
-        The same computation as ``LQAE.encode`` and ``LQAE.features``, sharing one
-        encoder pass and one LM pass between them.
-        """
-        if layers:
-            z, encoder_layers = model.encoder(images, return_layers=True)
-        else:
-            z, encoder_layers = model.encoder(images), []
-        ids = model.quantizer.nearest(z) if need_ids else None
-        if not layers:
-            return ids, None
-        by_name = {f"encoder.{i + 1}": h for i, h in enumerate(encoder_layers)}
-        if any(name.startswith("lm.") for name in layers):
-            lm_layers = model.language_model(model.embed_ids(ids), output_hidden_states=True)
-            by_name.update({f"lm.{i}": h for i, h in enumerate(lm_layers)})
-        features = torch.cat([by_name[name].float().mean(dim=1) for name in layers], dim=1)
-        return ids, features
 
     # -- ids <-> text ------------------------------------------------------------------
     def _vocab(self):
