@@ -1,0 +1,265 @@
+"""``lqae-fewshot``: the few-shot episode protocol on a labelled folder or Fashion-MNIST."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+import numpy as np
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+METHOD_CHOICES = ("llm", "shuffled", "pixels")
+METHOD_TITLES = {"llm": "LQAE tokens + LLM", "shuffled": "shuffled tokens + LLM", "pixels": "pixel prototypes"}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+EPILOG = """\b
+Protocol: each episode draws WAY classes, SHOT support and --queries query
+images per class (all distinct), and names the classes with nonsense words
+(dax, blicket, wug, ...) drawn afresh per episode. The LLM sees the support
+images as LQAE token text, one "Input: <tokens>\\nOutput: <name>" line pair
+each, and each query is given the name whose log-likelihood is highest.
+Images are encoded once, before the first episode. The same episodes (fixed
+by --seed) are given to every method:
+  llm       LQAE tokens + the LLM (embedded Gemma 3 270M unless --llm)
+  shuffled  control: the episode's tokens dealt out at random between its
+            images, so the text no longer depends on the image (chance)
+  pixels    non-LLM baseline: nearest class mean of raw pixels (squared L2)
+Each cell prints the mean accuracy over episodes ± the half-width of its
+95% confidence interval (Student t over per-episode accuracies).
+
+\b
+SOURCE is "fashion-mnist" (the test split of the idx files under
+/usr/share/datasets/fashion-mnist or $LQAE_FASHION_MNIST) or a folder with
+one subfolder of images per class (the class is the name of the folder
+holding the image, e.g. examples/fashion-mnist/sneaker/00012.png).
+
+\b
+Exit status:
+  0    table printed
+  1    the LLM failed while scoring (stderr says why)
+  2    usage error: bad option, unusable SOURCE (missing, not enough
+       classes or images, an undecodable image), unusable checkpoint or LLM
+  130  interrupted by Ctrl-C
+
+\b
+Examples:
+  lqae-fewshot fashion-mnist --way 2 --way 5 --shot 1 --shot 5 --episodes 50
+  lqae-fewshot examples/fashion-mnist --way 2 --shot 1 --episodes 10
+  lqae-fewshot my-photos/ --method pixels --json results.json
+"""
+
+
+class UsageProblem(Exception):
+    """A problem with the command line or its inputs (exit status 2)."""
+
+
+def _parse_methods(ctx, param, values):
+    names = [v.strip() for value in values for v in value.split(",") if v.strip()]
+    if not names:
+        return ("llm", "pixels")
+    bad = [n for n in names if n not in METHOD_CHOICES]
+    if bad:
+        raise click.BadParameter(f"{', '.join(bad)} not among {', '.join(METHOD_CHOICES)}")
+    return tuple(dict.fromkeys(names))
+
+
+def folder_items(root: str) -> tuple[list[str], np.ndarray]:
+    """Image paths under ``root`` (sorted) and their classes (the name of the folder holding each)."""
+    if not os.path.isdir(root):
+        what = "does not exist" if not os.path.exists(root) else "is not a folder"
+        raise UsageProblem(f"SOURCE {root!r} {what}; give a folder with one subfolder per class, or 'fashion-mnist'")
+    paths, labels = [], []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            if os.path.samefile(folder, root):
+                raise UsageProblem(
+                    f"{os.path.join(folder, name)!r} sits directly in SOURCE; put each image in a subfolder named "
+                    f"after its class"
+                )
+            paths.append(os.path.join(folder, name))
+            labels.append(os.path.basename(folder))
+    if not paths:
+        raise UsageProblem(
+            f"SOURCE {root!r} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in class subfolders"
+        )
+    return paths, np.array(labels, dtype=object)
+
+
+def _check_pool(labels, ways, shots, n_query, source) -> None:
+    classes, counts = np.unique(labels, return_counts=True)
+    need = max(shots) + n_query
+    enough = int((counts >= need).sum())
+    if enough < max(ways):
+        raise UsageProblem(
+            f"{source!r}: {max(ways)}-way {max(shots)}-shot episodes with {n_query} quer"
+            f"{'y' if n_query == 1 else 'ies'} per class need {max(ways)} classes with at least {need} images "
+            f"each; {enough} of its {len(classes)} classes have that many "
+            f"(counts: {', '.join(f'{c}={n}' for c, n in zip(classes, counts))})"
+        )
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog=EPILOG)
+@click.argument("source", metavar="SOURCE")
+@click.option("-n", "--way", "ways", type=click.IntRange(min=2), multiple=True, metavar="N",
+              help="Classes per episode; repeat for several [default: 2 and 5].")
+@click.option("-k", "--shot", "shots", type=click.IntRange(min=1), multiple=True, metavar="K",
+              help="Support images per class; repeat for several [default: 1 and 5].")
+@click.option("-q", "--queries", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Query images per class in each episode.")
+@click.option("-e", "--episodes", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Episodes per (way, shot) cell.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed that fixes the episodes.")
+@click.option("-m", "--method", "methods", multiple=True, callback=_parse_methods, metavar="LIST",
+              help="Methods, comma-separated from llm, shuffled, pixels [default: llm,pixels].")
+@click.option("-c", "--checkpoint", default=None, metavar="PATH",
+              help="LQAE checkpoint folder or .safetensors file [default: the packaged Fashion-MNIST model].")
+@click.option("--llm", default=None, metavar="NAME|URL",
+              help="Hugging Face causal LM name or folder, or an OpenAI-compatible server root "
+                   "(http://host:8000/v1) [default: the embedded Gemma 3 270M].")
+@click.option("--scoring", type=click.Choice(["loglik", "mean_loglik"]), default="loglik", show_default=True,
+              help="Class score: the label's total log-likelihood, or its mean per token.")
+@click.option("--instruction", default=None, metavar="TEXT",
+              help='Task line before the demonstrations, e.g. "Answer with one of: {labels}." [default: none].')
+@click.option("--calibrate/--no-calibrate", default=False, show_default=True,
+              help='Contextual calibration: divide each query\'s label probabilities by those the LLM gives '
+                   'after an empty input "" (one more query per episode; removes a preference for one label).')
+@click.option("--max-tokens-per-item", type=click.IntRange(min=1), default=None, metavar="T",
+              help="Keep only the first T tokens of each image [default: all].")
+@click.option("--device", default=None,
+              help="Torch device for the tokenizer and a local LLM [default: CUDA if present].")
+@click.option("--json", "json_path", default=None, metavar="PATH",
+              help="Also write the results (per-episode accuracies included) as JSON to PATH.")
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar over episodes [default: only when stderr is a terminal].")
+def cli(source, ways, shots, queries, episodes, seed, methods, checkpoint, llm, scoring, instruction, calibrate,
+        max_tokens_per_item, device, json_path, progress):
+    """Few-shot image classification with LQAE tokens and an LLM; prints an accuracy table.
+
+    SOURCE is "fashion-mnist" or a folder of class subfolders (see below).
+    """
+    try:
+        code = run(source, ways=ways or (2, 5), shots=shots or (1, 5), n_query=queries, n_episodes=episodes,
+                   seed=seed, methods=methods, checkpoint=checkpoint, llm=llm, scoring=scoring,
+                   instruction=instruction, calibrate=calibrate, max_tokens_per_item=max_tokens_per_item, device=device,
+                   json_path=json_path, progress=progress)
+    except UsageProblem as exc:
+        click.echo(f"lqae-fewshot: error: {exc}", err=True)
+        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        click.echo("lqae-fewshot: interrupted by Ctrl-C", err=True)
+        code = EXIT_INTERRUPTED
+    sys.exit(code)
+
+
+def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, llm, scoring, instruction, calibrate,
+        max_tokens_per_item, device, json_path, progress) -> int:
+    """Load SOURCE, encode it once, run the grid and print the table; returns the exit status."""
+    from lqae_sklearn._checkpoint import CheckpointError, read_checkpoint_config
+    from lqae_sklearn._episodes import (
+        LLMEpisodeRunner, evaluate_grid, format_table, prototype_predict, sample_episodes,
+    )
+    from lqae_sklearn._images import ImageLoadError, load_image, to_model_input
+    from lqae_sklearn._fewshot import LLMFewShotClassifier
+    from lqae_sklearn._tokenizer import LQAETokenizer, resolve_checkpoint
+    from lqae_sklearn.llm import LLMBackendError, make_backend
+
+    if json_path is not None and os.path.isdir(json_path):
+        raise UsageProblem(f"--json {json_path!r} is a folder; give a file path")
+    if source == "fashion-mnist":
+        from lqae_sklearn.datasets import load_fashion_mnist
+
+        try:
+            images, labels = load_fashion_mnist("test")
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageProblem(str(exc)) from exc
+        described = "Fashion-MNIST test split"
+    else:
+        paths, labels = folder_items(source)
+        described = f"folder {source}"
+    _check_pool(labels, ways, shots, n_query, source)
+
+    uses_llm = "llm" in methods or "shuffled" in methods
+    try:
+        checkpoint_path = resolve_checkpoint(checkpoint)
+        preprocessing = read_checkpoint_config(checkpoint_path)["preprocessing"]
+        # The pixel baseline needs only the checkpoint's preprocessing, not its weights.
+        tokenizer = None
+        if uses_llm:
+            tokenizer = LQAETokenizer(checkpoint=checkpoint, output="ids", device=device or "auto").fit()
+    except (CheckpointError, FileNotFoundError, ValueError, OSError, KeyError) as exc:
+        raise UsageProblem(f"checkpoint {checkpoint or 'default'!r} cannot be used: {exc}") from exc
+
+    if source != "fashion-mnist":
+        # Every file is decoded, used or not, so that a bad file is reported whatever the seed.
+        try:
+            images = np.stack([to_model_input(load_image(p), preprocessing) for p in paths]).transpose(0, 2, 3, 1)
+        except ImageLoadError as exc:
+            raise UsageProblem(f"cannot read an image of SOURCE: {exc}") from exc
+    plan = [sample_episodes(labels, w, k, n_query, n_episodes, seed=seed) for w in ways for k in shots]
+    used = np.unique(np.concatenate([np.concatenate([e.support, e.query]) for cell in plan for e in cell]))
+    ids = pixels = None
+    if uses_llm:  # only the images some episode uses are encoded, once
+        ids = np.zeros((len(labels), tokenizer.n_tokens_), dtype=np.int64)
+        ids[used] = tokenizer.transform(images[used])
+    if "pixels" in methods:
+        pixels = images.reshape(len(images), -1).astype(np.float32)
+
+    predictors = {}
+    if uses_llm:
+        is_server = bool(llm) and llm.startswith(("http://", "https://"))
+        try:  # load before the first episode, so that an unusable LLM is a usage error
+            backend = make_backend(llm, **({} if is_server or device is None else {"device": device})).load()
+        except (ImportError, OSError, ValueError, TypeError, LLMBackendError) as exc:
+            raise UsageProblem(f"LLM {llm or 'embedded Gemma 3 270M'!r} cannot be loaded: {exc}") from exc
+        classifier = LLMFewShotClassifier(backend, scoring=scoring, instruction=instruction,
+                                          max_tokens_per_item=max_tokens_per_item)
+        for name, shuffle in (("llm", None), ("shuffled", "across")):
+            if name in methods:
+                runner = LLMEpisodeRunner(classifier, tokenizer.ids_to_text, shuffle=shuffle,
+                                          content_free="" if calibrate else None)
+                predictors[name] = lambda episode, runner=runner: runner(episode, ids)[0]
+    if "pixels" in methods:
+        predictors["pixels"] = lambda e: prototype_predict(pixels[e.support], e.support_y, pixels[e.query])
+    predictors = {name: predictors[name] for name in methods}
+
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(ways) * len(shots) * n_episodes, desc="episodes", unit="ep", file=sys.stderr)
+    try:
+        cells = evaluate_grid(labels, predictors, ways=ways, shots=shots, n_query=n_query, n_episodes=n_episodes,
+                              seed=seed, on_episode=(lambda c, i: bar.update(1)) if bar else None)
+    except (LLMBackendError, RuntimeError, OSError) as exc:  # a server gave up, out of memory, ...
+        click.echo(f"lqae-fewshot: the LLM failed while scoring: {type(exc).__name__}: {exc}", err=True)
+        return EXIT_FAILED
+    finally:
+        if bar is not None:
+            bar.close()
+
+    click.echo(f"Few-shot accuracy on the {described}: {n_episodes} episodes per cell, {n_query} "
+               f"quer{'y' if n_query == 1 else 'ies'} per class, seed {seed}; mean ± 95% CI")
+    click.echo(format_table(cells, METHOD_TITLES))
+    if json_path is not None:
+        record = {"source": source, "checkpoint": str(checkpoint_path), "llm": llm or "embedded Gemma 3 270M",
+                  "scoring": scoring, "instruction": instruction, "calibrate": calibrate,
+                  "max_tokens_per_item": max_tokens_per_item, "seed": seed, "cells": cells}
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+    return EXIT_OK
+
+
+def main(argv=None) -> None:
+    """Console-script entry point."""
+    cli.main(args=argv, prog_name="lqae-fewshot")
+
+
+if __name__ == "__main__":
+    main()
