@@ -37,6 +37,12 @@ one subfolder of images per class (the class is the name of the folder
 holding the image, e.g. examples/fashion-mnist/sneaker/00012.png).
 
 \b
+Cost: the embedded LLM on a CPU scores one 2-way 1-shot episode in roughly
+10-40 s on a busy 2-core machine, and 5-way or 5-shot episodes take several
+times longer (longer prompts); a GPU (--device cuda) or an LLM server
+(--llm URL) is much faster. --method pixels loads no model at all.
+
+\b
 Exit status:
   0    table printed
   1    the LLM failed while scoring (stderr says why)
