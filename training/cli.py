@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
-from lqae_sklearn._config import PRESETS
+from lqae_sklearn._config import PRESETS, LQAEConfig, preset_config
 
 from ._trainer import TrainConfig, train
 
@@ -17,6 +19,12 @@ from ._trainer import TrainConfig, train
 @click.option("--language-model", help="Frozen LM (Hugging Face name or path) instead of the preset's.")
 @click.option("--image-size", type=int, help="Override the preset's image size.")
 @click.option("--patch-size", type=int, help="Override the preset's patch size.")
+@click.option(
+    "--set", "settings", multiple=True, metavar="KEY=VALUE",
+    help="Override any other model field of the preset (repeatable), e.g. --set encoder_dim=128 "
+    "--set block=lqae --set normalize_latents=false. Values are converted to the field's type "
+    "(int, float, bool: true/false/1/0/yes/no, or text). Fields: " + ", ".join(f.name for f in dataclasses.fields(LQAEConfig)) + ".",
+)
 @click.option("--steps", default=1000, help="Optimizer steps in total (a resumed run counts the steps already done).")
 @click.option("--batch-size", default=256, help="Global batch: per-process micro-batch x --accumulation x processes.")
 @click.option("--accumulation", default=1, help="Gradient-accumulation micro-batches per step.")
@@ -37,7 +45,7 @@ from ._trainer import TrainConfig, train
 @click.option("--workers", "num_workers", default=0, help="Image-decoding processes for folder data.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint exactly (weights, optimizer, step, data order).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def main(language_model, image_size, patch_size, compile_, no_progress, **options):
+def main(language_model, image_size, patch_size, settings, compile_, no_progress, **options):
     """Train an LQAE: ViT encoder -> frozen LM word embeddings -> frozen LM -> ViT decoder.
 
     \b
@@ -48,10 +56,51 @@ def main(language_model, image_size, patch_size, compile_, no_progress, **option
 
     OUT/checkpoint is a regular lqae-sklearn checkpoint: LQAETokenizer(checkpoint=...) reads it.
     """
-    overrides = {k: v for k, v in {"language_model": language_model, "image_size": image_size, "patch_size": patch_size}.items() if v is not None}
+    overrides = _parse_settings(settings)
+    for key, value in {"language_model": language_model, "image_size": image_size, "patch_size": patch_size}.items():
+        if value is not None:
+            if key in overrides:
+                raise click.BadParameter(f"{key} is given both by --set and by --{key.replace('_', '-')}", param_hint="--set")
+            overrides[key] = value
+    try:
+        preset_config(options["preset"], **overrides)  # a bad combination fails here, not after loading data
+    except ValueError as exc:
+        raise click.UsageError(f"invalid model settings: {exc}") from None
     cfg = TrainConfig(model_overrides=overrides, compile=compile_, progress=not no_progress, **options)
     ckpt = train(cfg)
     click.echo(f"checkpoint: {ckpt}", err=True)
+
+
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def _parse_settings(settings) -> dict:
+    """``("encoder_dim=128", ...)`` -> ``{"encoder_dim": 128}``, typed by the LQAEConfig field's default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(LQAEConfig)}
+    overrides = {}
+    for item in settings:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+        if key not in defaults:
+            raise click.BadParameter(f"unknown model field {key!r}; choose from {', '.join(defaults)}", param_hint="--set")
+        default = defaults[key]
+        try:
+            if isinstance(default, bool):
+                if text.strip().lower() not in _TRUE | _FALSE:
+                    raise ValueError("expected true/false")
+                value = text.strip().lower() in _TRUE
+            elif isinstance(default, (int, float)):
+                value = type(default)(text)
+            else:
+                value = text
+        except ValueError:
+            raise click.BadParameter(
+                f"{key}={text!r}: expected {type(default).__name__} (the field's type)", param_hint="--set"
+            ) from None
+        overrides[key] = value
+    return overrides
 
 
 if __name__ == "__main__":

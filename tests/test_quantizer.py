@@ -1,0 +1,151 @@
+"""The frozen-codebook quantizer: exact cosine search, exclusions, chunking, straight-through."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lqae_sklearn import LQAE
+from lqae_sklearn._quantizer import LanguageQuantizer
+
+from conftest import tiny_config
+
+
+def brute_force_nearest(x: torch.Tensor, codebook: torch.Tensor, excluded) -> torch.Tensor:
+    """float64 cosine argmax over the allowed rows, independently of the quantizer's code."""
+    xs = F.normalize(x.reshape(-1, x.shape[-1]).double(), dim=-1)
+    rows = F.normalize(codebook.double(), dim=-1)
+    scores = xs @ rows.T
+    scores[:, list(excluded)] = -np.inf
+    return scores.argmax(dim=1).view(x.shape[:-1])
+
+
+def assert_same_or_tied(ids, expected, x, codebook, tol=1e-6):
+    """Equal ids, except where the two rows score within ``tol`` in float64 (a genuine tie)."""
+    differ = ids != expected
+    if differ.any():
+        xs = F.normalize(x[differ].double(), dim=-1)
+        rows = F.normalize(codebook.double(), dim=-1)
+        gap = (xs * rows[expected[differ]]).sum(-1) - (xs * rows[ids[differ]]).sum(-1)
+        assert gap.abs().max() < tol, f"{int(differ.sum())} ids differ from the float64 argmax (score gap {gap.max():.2e})"
+    # Near-ties are rare: nearly all vectors must match exactly.
+    assert differ.float().mean() < 0.01
+
+
+def test_nearest_matches_float64_bruteforce_on_random_codebook():
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.randn(700, 24, generator=g) * torch.rand(700, 1, generator=g) * 3  # uneven row norms
+    excluded = torch.randperm(700, generator=g)[:60].tolist()
+    x = torch.randn(3, 50, 24, generator=g) * 5
+    quantizer = LanguageQuantizer(codebook, excluded, chunk_size=128)
+    ids = quantizer.nearest(x)
+    assert ids.shape == (3, 50) and ids.dtype == torch.int64
+    expected = brute_force_nearest(x, codebook, excluded)
+    assert_same_or_tied(ids, expected, x, codebook)
+    # Cosine, not Euclidean: scaling a vector never changes its word.
+    assert torch.equal(quantizer.nearest(x * 1e-3), ids)
+
+
+def test_nearest_matches_float64_bruteforce_on_minilm_codebook(minilm):
+    codebook = minilm.codebook.detach()
+    excluded = minilm.excluded_token_ids()
+    quantizer = LanguageQuantizer(codebook, excluded)
+    x = torch.randn(64, codebook.shape[1], generator=torch.Generator().manual_seed(1))
+    assert_same_or_tied(quantizer.nearest(x), brute_force_nearest(x, codebook, excluded), x, codebook)
+
+
+def test_excluded_ids_are_never_produced(minilm):
+    codebook = minilm.codebook.detach()
+    excluded = minilm.excluded_token_ids()
+    tokens = minilm.tokenizer.convert_ids_to_tokens(excluded)
+    assert {"[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]", "[unused0]"} <= set(tokens)
+    # The hardest input: the excluded rows themselves (cosine 1 with a forbidden word).
+    quantizer = LanguageQuantizer(codebook, excluded)
+    ids = quantizer.nearest(codebook[excluded])
+    assert not set(ids.tolist()) & set(excluded)
+    assert quantizer.codebook_size == minilm.vocab_size - len(excluded)
+    # Control: without the exclusion the same inputs do pick special rows.
+    unrestricted = LanguageQuantizer(codebook, [])
+    assert minilm.mask_token_id in set(unrestricted.nearest(codebook[excluded]).tolist())
+
+
+def test_model_codebook_exclude_setting(minilm, fmnist_batch):
+    torch.manual_seed(0)
+    special = LQAE(tiny_config(), minilm).eval()
+    assert special.quantizer.codebook_size == minilm.vocab_size - len(minilm.excluded_token_ids())
+    ids = special.encode(fmnist_batch)
+    assert not set(ids.unique().tolist()) & set(minilm.excluded_token_ids())
+    everything = LQAE(tiny_config(codebook_exclude="none"), minilm)
+    assert everything.quantizer.codebook_size == minilm.vocab_size
+
+
+def test_chunk_size_does_not_change_ids():
+    chunk_sizes = (13, 64, 700, 5000)  # uneven split, exact fit, larger than the codebook
+    g = torch.Generator().manual_seed(2)
+    codebook = torch.randn(700, 16, generator=g)
+    excluded = [0, 5, 699]
+    x = torch.randn(40, 16, generator=g)
+    results = [LanguageQuantizer(codebook, excluded, chunk_size=c).nearest(x) for c in chunk_sizes]
+    for other in results[1:]:
+        assert torch.equal(results[0], other)
+
+
+def test_chunk_size_does_not_change_ids_on_minilm(minilm, fmnist_batch):
+    codebook = minilm.codebook.detach()
+    excluded = minilm.excluded_token_ids()
+    # Real encoder outputs from a tiny model, so the query vectors are not just Gaussian noise.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        z = LQAE(tiny_config(), minilm).encoder(fmnist_batch[:4])
+    small = LanguageQuantizer(codebook, excluded, chunk_size=1000).nearest(z)
+    whole = LanguageQuantizer(codebook, excluded, chunk_size=50_000).nearest(z)
+    assert torch.equal(small, whole)
+
+
+def test_nearest_accepts_bfloat16_input():
+    g = torch.Generator().manual_seed(3)
+    codebook = torch.randn(300, 32, generator=g)
+    x = torch.randn(20, 32, generator=g).to(torch.bfloat16)
+    quantizer = LanguageQuantizer(codebook)
+    assert torch.equal(quantizer.nearest(x), quantizer.nearest(x.float()))
+
+
+def test_straight_through_forward_is_codebook_rows_and_gradient_is_identity():
+    g = torch.Generator().manual_seed(4)
+    codebook = torch.randn(200, 12, generator=g)
+    quantizer = LanguageQuantizer(codebook, [3])
+    x = (torch.randn(2, 9, 12, generator=g) * 4).requires_grad_()
+    out, ids, commitment = quantizer(x, codebook)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, codebook[ids], rtol=0, atol=1e-6)
+    assert torch.equal(ids, quantizer.nearest(x))
+    torch.testing.assert_close(commitment, F.mse_loss(x, codebook[ids]))
+    upstream = torch.randn(out.shape, generator=g)
+    (grad,) = torch.autograd.grad(out, x, upstream)
+    assert torch.equal(grad, upstream)  # straight through: d out / d x = identity
+    # The commitment loss pulls x towards its (fixed) word: gradient 2 (x - q) / N.
+    (grad_commit,) = torch.autograd.grad(commitment, x)
+    torch.testing.assert_close(grad_commit, 2 * (x - codebook[ids]).detach() / x.numel())
+
+
+def test_straight_through_with_normalized_latents_ignores_length():
+    g = torch.Generator().manual_seed(5)
+    codebook = torch.randn(200, 12, generator=g)
+    quantizer = LanguageQuantizer(codebook)
+    x = (torch.randn(2, 9, 12, generator=g) * 4).requires_grad_()
+    out, ids, commitment = quantizer(x, codebook, normalize_latents=True)
+    torch.testing.assert_close(out, codebook[ids], rtol=0, atol=1e-5)
+    rescaled = F.normalize(x, dim=-1) * codebook[ids].norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(commitment, F.mse_loss(rescaled, codebook[ids]))
+    (grad,) = torch.autograd.grad(out, x, torch.randn(out.shape, generator=g))
+    # A function of x's direction only has a gradient orthogonal to x, and a non-zero one.
+    radial = (grad * x).sum(-1) / (grad.norm(dim=-1) * x.norm(dim=-1))
+    assert radial.abs().max() < 1e-4
+    assert grad.norm(dim=-1).min() > 0
+
+
+def test_quantizer_owns_no_trainable_or_saved_state():
+    quantizer = LanguageQuantizer(torch.randn(50, 8), [1, 2])
+    assert list(quantizer.parameters()) == []
+    assert quantizer.state_dict() == {}  # derived from the LM, never written to checkpoints
