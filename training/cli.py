@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import click
 
@@ -68,7 +69,8 @@ def main(language_model, image_size, patch_size, settings, compile_, no_progress
         raise click.UsageError(f"invalid model settings: {exc}") from None
     cfg = TrainConfig(model_overrides=overrides, compile=compile_, progress=not no_progress, **options)
     ckpt = train(cfg)
-    click.echo(f"checkpoint: {ckpt}", err=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
+        click.echo(f"checkpoint: {ckpt}", err=True)
 
 
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
