@@ -2,7 +2,9 @@
 
 Every (way, shot) cell runs the same episodes (fixed by --seed) through:
 
-* ``llm``: LQAE token text + LLMFewShotClassifier (embedded Gemma 3 270M), nonsense labels;
+* ``llm``: LQAE token text + LLMFewShotClassifier (embedded Gemma 3 270M), nonsense labels; the same
+  call also scores an empty input, which ``calibrated`` (contextual calibration) and
+  ``other_scoring`` (mean instead of sum over label tokens, or the reverse) read at no extra cost;
 * ``shuffled``: the same, with the episode's tokens dealt out at random between its
   images (``shuffle_tokens(mode="across")``): the text no longer depends on the image,
   so this control should score chance;
@@ -10,15 +12,17 @@ Every (way, shot) cell runs the same episodes (fixed by --seed) through:
   survives, only the patch order is lost;
 * ``pixels``: nearest class mean of raw pixels, squared L2 (the non-LLM baseline).
 
-Images are encoded once (``LQAETokenizer(output="ids")``), only those some episode
-uses; the text of each episode is written from the ids. All queries of an episode
+Episodes draw from the first ``--pool-per-class`` test images of each class; that pool
+is encoded once (``LQAETokenizer(output="ids")``, cached with ``--ids-cache``) and the
+text of each episode is written from the ids. All queries of an episode
 go to one ``predict_proba`` call, so the demonstrations are run through the LLM once.
 
 Writes a Markdown table and a JSON file (per-episode accuracies, seconds per method,
-the largest deviation of a ``predict_proba`` row sum from 1). Example::
+the largest deviation of a ``predict_proba`` row sum from 1). Results and the exact
+commands: ``docs/benchmarks.md``, "Few-shot classification (Fashion-MNIST episodes)". Example::
 
-    python benchmarks/fewshot_eval.py --ways 2,5 --shots 1,3,5 --episodes 200 \\
-        --queries 2 --out results/fewshot
+    python benchmarks/fewshot_eval.py --ways 2,5 --shots 1,3,5 --episodes 200 --queries 1 \\
+        --methods llm,other_scoring,calibrated,shuffled,pixels --ids-cache ids.npz --out results/fewshot
 """
 
 from __future__ import annotations

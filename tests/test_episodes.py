@@ -170,3 +170,38 @@ def test_format_table_shows_every_cell_and_method():
     assert [c.strip() for c in lines[0].split("|")[1:-1]] == ["cell", "episodes", "chance", "pixel prototypes", "first"]
     assert "2-way 1-shot" in lines[2] and "1.000 ± 0.000" in lines[2] and "0.500 ± 0.000" in lines[2]
     assert "4-way 1-shot" in lines[3] and "0.250 ± 0.000" in lines[3]
+
+
+class _BiasedClassifier(_RecordingClassifier):
+    """Prefers the first class 4:1 for every input, and the right class 3:1 on top of that."""
+
+    def predict_proba(self, texts):
+        self.queries = list(texts)
+        support, labels = self.fitted
+        odds = np.ones((len(texts), len(self.classes_)))
+        odds[:, 0] *= 4.0
+        for i, t in enumerate(texts):
+            if t in support:
+                odds[i, list(self.classes_).index(labels[support.index(t)])] *= 3.0
+        return odds / odds.sum(axis=1, keepdims=True)
+
+
+def test_content_free_calibration_removes_a_constant_label_preference():
+    y = np.repeat(np.arange(2), 3)
+    ids = np.repeat(y[:, None], 4, axis=1) * 10 + np.arange(4)
+    ids[1::3] = ids[0::3]  # each class's second item repeats its first, so a query can match its demonstration
+    to_text = lambda a: [" ".join(f"t{v}" for v in row) for row in a]  # noqa: E731
+    episodes = [e for e in sample_episodes(y, 2, 1, 1, 40, seed=0)
+                if all(to_text(ids[[q]]) == to_text(ids[[s]]) for q, s in zip(e.query, e.support))]
+    assert episodes, "no episode where every query repeats its demonstration"
+    episode = episodes[0]
+    clf = _BiasedClassifier()
+    plain, _ = LLMEpisodeRunner(clf, to_text)(episode, ids)
+    assert (plain == clf.classes_[0]).all()  # the 4:1 preference beats the 3:1 evidence
+    runner = LLMEpisodeRunner(clf, to_text, content_free="")
+    calibrated, proba = runner(episode, ids)
+    assert clf.queries[-1] == "" and len(clf.queries) == len(episode.query) + 1
+    assert (calibrated == episode.query_y).all()
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    np.testing.assert_allclose(proba.max(axis=1), 0.75)  # odds 3:1 once the 4:1 preference is divided out
+    assert runner.last_proba_.shape == (len(episode.query) + 1, 2)
