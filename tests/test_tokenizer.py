@@ -129,7 +129,8 @@ def test_embeddings_match_model_features_for_each_layer_choice(checkpoint, image
     per_layer = dict(zip(names, np.split(everything, np.cumsum(widths)[:-1], axis=1)))
     np.testing.assert_allclose(tok.transform(images), np.hstack([per_layer[n] for n in names]), rtol=1e-5, atol=1e-5)
     for layers, expected_layers in [
-        ("default", names),
+        ("default", ["encoder.1", "encoder.2", "encoder.3", "encoder.4"]),
+        ("all", names),
         ("encoder", ["encoder.1", "encoder.2", "encoder.3", "encoder.4"]),
         (["lm.0", "encoder.2"], ["lm.0", "encoder.2"]),
         ("lm.3", ["lm.3"]),
