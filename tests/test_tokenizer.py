@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
@@ -141,6 +142,8 @@ def test_embeddings_match_model_features_for_each_layer_choice(checkpoint, image
 
 
 def test_encode_runs_encoder_and_lm_once_per_batch(fitted, images):
+    # Embeddings from every layer, so the LM has to run (the default layers are the encoder's only).
+    fitted = clone(fitted).set_params(layers="all").fit()
     calls = {"encoder": 0, "lm": 0}
     model = fitted.model_
     hooks = [
