@@ -2,18 +2,21 @@
 
 Every (way, shot) cell runs the same episodes (fixed by --seed) through:
 
-* ``llm``: LQAE token text + LLMFewShotClassifier (embedded Gemma 3 270M), nonsense labels; the same
+* ``llm``: LQAE token text + LLMFewShotClassifier (embedded Gemma 3 270M), nonsense labels,
+  direct scoring (``--scoring``: the label's log-likelihood after the query); the same
   call also scores an empty input, which ``calibrated`` (contextual calibration) and
   ``other_scoring`` (mean instead of sum over label tokens, or the reverse) read at no extra cost;
-* ``shuffled``: the same, with the episode's tokens dealt out at random between its
-  images (``shuffle_tokens(mode="across")``): the text no longer depends on the image,
-  so this control should score chance;
-* ``within`` (optional): each image's own tokens in a random order: the bag of tokens
-  survives, only the patch order is lost;
+* ``channel``: the same classifier with ``scoring="channel"`` (label-first demonstrations,
+  the query's log-likelihood after each label);
+* ``shuffled`` / ``channel_shuffled``: ``llm`` / ``channel`` with the episode's tokens dealt
+  out at random between its images (``shuffle_tokens(mode="across")``): the text no longer
+  depends on the image, so these controls should score chance;
+* ``within`` (optional): ``llm`` with each image's own tokens in a random order: the bag of
+  tokens survives, only the patch order is lost;
 * ``pixels``: nearest class mean of raw pixels, squared L2 (the non-LLM baseline).
 
 Episodes draw from the first ``--pool-per-class`` test images of each class; that pool
-is encoded once (``LQAETokenizer(output="ids")``, cached with ``--ids-cache``) and the
+is encoded once (``LQAETokenizer(output="ids", token_grid=...)``, cached with ``--ids-cache``) and the
 text of each episode is written from the ids. All queries of an episode
 go to one ``predict_proba`` call, so the demonstrations are run through the LLM once.
 
@@ -44,8 +47,9 @@ from lqae_sklearn._episodes import (
 from lqae_sklearn.datasets import load_fashion_mnist
 from lqae_sklearn.llm import HuggingFaceBackend, LanguageModelBackend
 
-TITLES = {"llm": "LQAE tokens + LLM", "other_scoring": "same, other label scoring",
-          "calibrated": "same, calibrated", "shuffled": "shuffled across images", "within": "shuffled within image",
+TITLES = {"llm": "LLM, direct", "other_scoring": "direct, other label scoring",
+          "calibrated": "direct, calibrated", "channel": "LLM, channel", "shuffled": "direct, shuffled tokens",
+          "channel_shuffled": "channel, shuffled tokens", "within": "direct, shuffled within image",
           "pixels": "pixel prototypes"}
 
 
@@ -74,17 +78,17 @@ class _RecordingBackend(LanguageModelBackend):
 
 
 def _cached_ids(tokenizer, images, pool, path):
-    """Token ids of ``images``, read from (or written to) the .npz ``path`` for this checkpoint and pool."""
-    sha = tokenizer.checkpoint_config_["weights_sha256"]
+    """Token ids of ``images``, read from (or written to) the .npz ``path`` for this checkpoint, grid and pool."""
+    key = f'{tokenizer.checkpoint_config_["weights_sha256"]}/{tokenizer.n_tokens_}'
     if path is not None and Path(path).exists():
         with np.load(path) as cached:
-            if str(cached["weights_sha256"]) == sha and np.array_equal(cached["pool"], pool):
+            if str(cached["key"]) == key and np.array_equal(cached["pool"], pool):
                 return cached["ids"]
-        print(f"{path} is for another checkpoint or pool; encoding again", file=sys.stderr)
+        print(f"{path} is for another checkpoint, token grid or pool; encoding again", file=sys.stderr)
     ids = tokenizer.transform(images)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, ids=ids, pool=pool, weights_sha256=np.array(sha))
+        np.savez(path, ids=ids, pool=pool, key=np.array(key))
     return ids
 
 
@@ -94,13 +98,17 @@ def main(argv=None):
     parser.add_argument("--shots", type=_ints, default=[1, 3, 5])
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--queries", type=int, default=2, help="query images per class per episode")
-    parser.add_argument("--methods", default="llm,calibrated,shuffled,pixels",
-                        help="comma-separated: llm, other_scoring, calibrated, shuffled, within, pixels "
-                             "(other_scoring and calibrated read the LLM method listed before them)")
+    parser.add_argument("--methods", default="channel,channel_shuffled,llm,calibrated,pixels",
+                        help="comma-separated: llm, other_scoring, calibrated, channel, shuffled, channel_shuffled, "
+                             "within, pixels (other_scoring and calibrated read the llm call of the same episode)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scoring", default="loglik", choices=["loglik", "mean_loglik"])
+    parser.add_argument("--scoring", default="loglik", choices=["loglik", "mean_loglik"],
+                        help="label scoring of the direct methods (llm, shuffled, within)")
     parser.add_argument("--instruction", default=None)
-    parser.add_argument("--prompt", default=None, help="demonstration template (default: the classifier's)")
+    parser.add_argument("--prompt", default=None, help="direct demonstration template (default: the classifier's)")
+    parser.add_argument("--channel-prompt", default=None, help="channel demonstration template (default: the classifier's)")
+    parser.add_argument("--token-grid", type=int, default=None,
+                        help="LQAETokenizer(token_grid=...): g x g tokens per image (default: one per patch)")
     parser.add_argument("--max-tokens-per-item", type=int, default=None)
     parser.add_argument("--pool-per-class", type=int, default=200,
                         help="episodes draw from the first P test images of each class (encoding is the slow part)")
@@ -117,7 +125,7 @@ def main(argv=None):
     images, labels = images[pool], labels[pool]
 
     start = time.perf_counter()
-    tokenizer = LQAETokenizer(output="ids", device="cpu").fit()
+    tokenizer = LQAETokenizer(output="ids", device="cpu", token_grid=args.token_grid).fit()
     ids = _cached_ids(tokenizer, images, pool, args.ids_cache)
     encode_seconds = time.perf_counter() - start
     print(f"token ids of {len(pool)} images ready in {encode_seconds:.1f} s", file=sys.stderr, flush=True)
@@ -127,19 +135,28 @@ def main(argv=None):
                "max_tokens_per_item": args.max_tokens_per_item}
     if args.prompt is not None:
         options["prompt"] = args.prompt.encode().decode("unicode_escape")
-    recorder = _RecordingBackend(HuggingFaceBackend(device="cpu"))
+    backend = HuggingFaceBackend(device="cpu")
+    recorder = _RecordingBackend(backend)
     classifier = LLMFewShotClassifier(recorder, **options)
+    channel_options = dict(options, scoring="channel")
+    channel_options.pop("prompt", None)
+    if args.channel_prompt is not None:
+        channel_options["prompt"] = args.channel_prompt.encode().decode("unicode_escape")
+    channel_classifier = LLMFewShotClassifier(backend, **channel_options)
     worst_row_sum = [0.0]
+    llm_scores = {}  # the unshuffled llm call of the current episode
 
     # The "llm" call also scores a content-free query (""), last; these read its scores other ways.
-    def other_scoring(episode):
+    def other_scoring(episode):  # noqa: ARG001 - reads the scores of the episode's llm call
         # "loglik" (sum over label tokens) <-> "mean_loglik", uncalibrated.
-        scores = recorder.last.mean() if args.scoring == "loglik" else recorder.last.logprob
+        last = llm_scores["last"]
+        scores = last.mean() if args.scoring == "loglik" else last.logprob
         return classifier.classes_[np.argmax(scores[:-1], axis=1)]
 
-    def calibrated(episode):  # noqa: ARG001 - reads the scores of the LLM call just made
+    def calibrated(episode):  # noqa: ARG001 - reads the scores of the episode's llm call
         # Contextual calibration: log p(label | query) - log p(label | ""), with the classifier's scoring.
-        scores = recorder.last.logprob if args.scoring == "loglik" else recorder.last.mean()
+        last = llm_scores["last"]
+        scores = last.logprob if args.scoring == "loglik" else last.mean()
         return classifier.classes_[np.argmax(scores[:-1] - scores[-1:], axis=1)]
 
     def llm_method(shuffle):
@@ -151,13 +168,27 @@ def main(argv=None):
             runner(episode, ids)
             rows = runner.last_proba_.sum(axis=1)  # the classifier's own predict_proba, content-free row included
             worst_row_sum[0] = max(worst_row_sum[0], float(np.abs(rows - 1).max()))
+            if shuffle is None:
+                llm_scores["last"] = recorder.last
             scores = recorder.last.logprob if args.scoring == "loglik" else recorder.last.mean()
             return classifier.classes_[np.argmax(scores[:-1], axis=1)]
         return predict
 
+    def channel_method(shuffle):
+        runner = LLMEpisodeRunner(channel_classifier, tokenizer.ids_to_text, shuffle=shuffle)
+
+        def predict(episode):
+            predicted, _ = runner(episode, ids)
+            rows = runner.last_proba_.sum(axis=1)
+            worst_row_sum[0] = max(worst_row_sum[0], float(np.abs(rows - 1).max()))
+            return predicted
+        return predict
+
     available = {
         "llm": llm_method(None),
+        "channel": channel_method(None),
         "shuffled": llm_method("across"),
+        "channel_shuffled": channel_method("across"),
         "within": llm_method("within"),
         "other_scoring": other_scoring,  # these two read the LLM method listed before them
         "calibrated": calibrated,
@@ -166,6 +197,9 @@ def main(argv=None):
     unknown = set(methods) - set(available)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {sorted(available)}")
+    for reader in ("other_scoring", "calibrated"):
+        if reader in methods and ("llm" not in methods or methods.index("llm") > methods.index(reader)):
+            parser.error(f"{reader} reads the scores of the llm method: list llm before it")
 
     started = time.perf_counter()
 
@@ -180,8 +214,9 @@ def main(argv=None):
     table = format_table(cells, TITLES)
     command = "python benchmarks/fewshot_eval.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = (f"Fashion-MNIST test split, {args.episodes} episodes per cell, {args.queries} queries per class, "
-              f"seed {args.seed}, scoring {args.scoring}, instruction {args.instruction!r}, "
-              f"max_tokens_per_item {args.max_tokens_per_item}; mean ± 95% CI (t over episodes)")
+              f"seed {args.seed}, {tokenizer.n_tokens_} tokens per image, direct scoring {args.scoring}, "
+              f"instruction {args.instruction!r}, max_tokens_per_item {args.max_tokens_per_item}; "
+              f"mean ± 95% CI (t over episodes)")
     print(header)
     print(table)
     out = Path(args.out)

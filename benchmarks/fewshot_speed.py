@@ -107,9 +107,9 @@ def main(argv=None):
         y = [lab for lab in labels for _ in range(shots)]
         clf = LLMFewShotClassifier(backend, n_examples_per_class=shots, random_state=args.seed).fit(X, y)
         texts = token_texts(rng, vocab, max(n_reuse, args.queries))
-        queries = [clf.format_prompt(t)[len(clf.prompt_prefix_):] for t in texts]
-        t_reuse, s_reuse = timed_score(backend, clf.prompt_prefix_, queries[:n_reuse], clf.continuations_)
-        t_full, s_full = timed_score(recompute, clf.prompt_prefix_, queries[: args.queries], clf.continuations_)
+        queries, labels = clf.scoring_requests(texts)
+        t_reuse, s_reuse = timed_score(backend, clf.prompt_prefix_, queries[:n_reuse], labels)
+        t_full, s_full = timed_score(recompute, clf.prompt_prefix_, queries[: args.queries], labels)
         common = min(n_reuse, args.queries)
         tok = backend.tokenizer
         n_prefix = 1 + len(tok.encode(clf.prompt_prefix_))

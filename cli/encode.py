@@ -110,6 +110,8 @@ def sidecar_path(out: str, suffix: str) -> str:
 @click.option("--layers", default=None, metavar="LIST",
               help="Layers whose features make the embeddings: names such as encoder.4, lm.0 ... lm.6, or one of "
                    "all, encoder, lm, last, default [default: default].")
+@click.option("--token-grid", type=click.IntRange(min=1), default=None, metavar="G",
+              help="G x G coarser tokens per image, e.g. 3 for short LLM prompts [default: one per patch].")
 @click.option("--labels-from-dirs", is_flag=True, help="Add \"label\": the name of the folder holding each image.")
 @click.option("-b", "--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images per model call (and per write to OUT).")
@@ -127,7 +129,7 @@ def sidecar_path(out: str, suffix: str) -> str:
               help="Where error records go [default: OUT.errors.jsonl; with OUT '-', stderr].")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar with images/s [default: only when stderr is a terminal].")
-def cli(images, out, checkpoint, outputs, layers, labels_from_dirs, batch_size, device, workers, shard,
+def cli(images, out, checkpoint, outputs, layers, token_grid, labels_from_dirs, batch_size, device, workers, shard,
         overwrite, extensions, null_separated, errors_file, progress):
     """Encode images into language-model tokens, one JSON line per image.
 
@@ -136,7 +138,7 @@ def cli(images, out, checkpoint, outputs, layers, labels_from_dirs, batch_size, 
     or '-' for stdout (no resume). Rerun the same command to resume.
     """
     run = EncodeRun(
-        images=images, out=out, checkpoint=checkpoint, outputs=outputs, layers=layers,
+        images=images, out=out, checkpoint=checkpoint, outputs=outputs, layers=layers, token_grid=token_grid,
         labels_from_dirs=labels_from_dirs, batch_size=batch_size, device=device, workers=workers,
         shard=shard, overwrite=overwrite, extensions=extensions, null_separated=null_separated,
         errors_file=errors_file, progress=progress,
@@ -203,6 +205,7 @@ class EncodeRun:
             "checkpoint_weights_sha256": config.get("weights_sha256"),
             "outputs": list(self.outputs),
             "layers": self.layers,
+            "token_grid": self.token_grid,
             "labels_from_dirs": self.labels_from_dirs,
             "shard": f"{self.shard[0]}/{self.shard[1]}",
         }
@@ -322,13 +325,14 @@ class EncodeRun:
     def _load_tokenizer(self):
         from lqae_sklearn._tokenizer import LQAETokenizer
 
-        params = {"checkpoint": self.checkpoint, "batch_size": self.batch_size, "device": self.device}
+        params = {"checkpoint": self.checkpoint, "batch_size": self.batch_size, "device": self.device,
+                  "token_grid": self.token_grid}
         if self.layers:
             params["layers"] = [name.strip() for name in self.layers.split(",") if name.strip()]
         try:
             return LQAETokenizer(**params).fit()
         except (CheckpointError, ValueError) as exc:
-            raise click.BadParameter(str(exc), param_hint="--checkpoint/--layers/--device") from exc
+            raise click.BadParameter(str(exc), param_hint="--checkpoint/--layers/--token-grid/--device") from exc
 
     def _encode_batch(self, writer, batch, results) -> None:
         good = [(item, array) for item, (array, _) in zip(batch, results) if array is not None]

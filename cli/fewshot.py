@@ -19,9 +19,13 @@ EPILOG = """\b
 Protocol: each episode draws WAY classes, SHOT support and --queries query
 images per class (all distinct), and names the classes with nonsense words
 (dax, blicket, wug, ...) drawn afresh per episode. The LLM sees the support
-images as LQAE token text, one "Input: <tokens>\\nOutput: <name>" line pair
-each, and each query is given the name whose log-likelihood is highest.
-Images are encoded once, before the first episode. The same episodes (fixed
+images as LQAE token text (3 x 3 tokens per image by default), one
+"<name>: <tokens>" line each, and each query goes to the name after which
+its tokens are likeliest (--scoring channel, the default and the most
+accurate in docs/benchmarks.md); with --scoring loglik the lines are
+"Input: <tokens>\\nOutput: <name>" pairs and the query gets the name whose
+log-likelihood after it is highest. Images are encoded once, before the
+first episode. The same episodes (fixed
 by --seed) are given to every method:
   llm       LQAE tokens + the LLM (embedded Gemma 3 270M unless --llm)
   shuffled  control: the episode's tokens dealt out at random between its
@@ -128,8 +132,14 @@ def _check_pool(labels, ways, shots, n_query, source) -> None:
 @click.option("--llm", default=None, metavar="NAME|URL",
               help="Hugging Face causal LM name or folder, or an OpenAI-compatible server root "
                    "(http://host:8000/v1) [default: the embedded Gemma 3 270M].")
-@click.option("--scoring", type=click.Choice(["loglik", "mean_loglik"]), default="loglik", show_default=True,
-              help="Class score: the label's total log-likelihood, or its mean per token.")
+@click.option("--scoring", type=click.Choice(["channel", "loglik", "mean_loglik"]), default="channel",
+              show_default=True,
+              help="Class score: channel, the query's log-likelihood after each label (label-first "
+                   "demonstrations); or loglik / mean_loglik, the label's total / per-token log-likelihood "
+                   "after the query.")
+@click.option("--token-grid", type=click.IntRange(min=1), default=3, show_default=True, metavar="G",
+              help="G x G tokens per image (LQAETokenizer(token_grid=G)); the checkpoint's patch grid (7 for "
+                   "the packaged one) writes one token per patch.")
 @click.option("--instruction", default=None, metavar="TEXT",
               help='Task line before the demonstrations, e.g. "Answer with one of: {labels}." [default: none].')
 @click.option("--calibrate/--no-calibrate", default=False, show_default=True,
@@ -143,8 +153,8 @@ def _check_pool(labels, ways, shots, n_query, source) -> None:
               help="Also write the results (per-episode accuracies included) as JSON to PATH.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar over episodes [default: only when stderr is a terminal].")
-def cli(source, ways, shots, queries, episodes, seed, methods, checkpoint, llm, scoring, instruction, calibrate,
-        max_tokens_per_item, device, json_path, progress):
+def cli(source, ways, shots, queries, episodes, seed, methods, checkpoint, llm, scoring, token_grid, instruction,
+        calibrate, max_tokens_per_item, device, json_path, progress):
     """Few-shot image classification with LQAE tokens and an LLM; prints an accuracy table.
 
     SOURCE is "fashion-mnist" or a folder of class subfolders (see below).
@@ -152,7 +162,7 @@ def cli(source, ways, shots, queries, episodes, seed, methods, checkpoint, llm, 
     try:
         code = run(source, ways=ways or (2, 5), shots=shots or (1, 5), n_query=queries, n_episodes=episodes,
                    seed=seed, methods=methods, checkpoint=checkpoint, llm=llm, scoring=scoring,
-                   instruction=instruction, calibrate=calibrate, max_tokens_per_item=max_tokens_per_item, device=device,
+                   token_grid=token_grid, instruction=instruction, calibrate=calibrate, max_tokens_per_item=max_tokens_per_item, device=device,
                    json_path=json_path, progress=progress)
     except UsageProblem as exc:
         click.echo(f"lqae-fewshot: error: {exc}", err=True)
@@ -163,8 +173,8 @@ def cli(source, ways, shots, queries, episodes, seed, methods, checkpoint, llm, 
     sys.exit(code)
 
 
-def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, llm, scoring, instruction, calibrate,
-        max_tokens_per_item, device, json_path, progress) -> int:
+def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, llm, scoring, token_grid=None,
+        instruction, calibrate, max_tokens_per_item, device, json_path, progress) -> int:
     """Load SOURCE, encode it once, run the grid and print the table; returns the exit status."""
     from lqae_sklearn._checkpoint import CheckpointError, read_checkpoint_config
     from lqae_sklearn._episodes import (
@@ -175,6 +185,9 @@ def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, 
     from lqae_sklearn._tokenizer import LQAETokenizer, resolve_checkpoint
     from lqae_sklearn.llm import LLMBackendError, make_backend
 
+    if calibrate and scoring == "channel":
+        raise UsageProblem("--calibrate applies to the direct scorings (loglik, mean_loglik), not to channel, "
+                           "which has no label prior to remove")
     if json_path is not None and os.path.isdir(json_path):
         raise UsageProblem(f"--json {json_path!r} is a folder; give a file path")
     if source == "fashion-mnist":
@@ -197,7 +210,8 @@ def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, 
         # The pixel baseline needs only the checkpoint's preprocessing, not its weights.
         tokenizer = None
         if uses_llm:
-            tokenizer = LQAETokenizer(checkpoint=checkpoint, output="ids", device=device or "auto").fit()
+            tokenizer = LQAETokenizer(checkpoint=checkpoint, output="ids", device=device or "auto",
+                                      token_grid=token_grid).fit()
     except (CheckpointError, FileNotFoundError, ValueError, OSError, KeyError) as exc:
         raise UsageProblem(f"checkpoint {checkpoint or 'default'!r} cannot be used: {exc}") from exc
 
@@ -255,7 +269,7 @@ def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, 
     click.echo(format_table(cells, METHOD_TITLES))
     if json_path is not None:
         record = {"source": source, "checkpoint": str(checkpoint_path), "llm": llm or "embedded Gemma 3 270M",
-                  "scoring": scoring, "instruction": instruction, "calibrate": calibrate,
+                  "scoring": scoring, "token_grid": token_grid, "instruction": instruction, "calibrate": calibrate,
                   "max_tokens_per_item": max_tokens_per_item, "seed": seed, "cells": cells}
         with open(json_path, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)

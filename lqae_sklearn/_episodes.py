@@ -222,6 +222,9 @@ class LLMEpisodeRunner:
     def __init__(self, classifier, ids_to_text, shuffle=None, content_free=None):
         if shuffle is not None and shuffle not in SHUFFLES:
             raise ValueError(f"shuffle must be None or one of {SHUFFLES}, got {shuffle!r}")
+        if content_free is not None and getattr(classifier, "scoring", None) == "channel":
+            raise ValueError("content_free calibration divides label probabilities given an empty input; channel "
+                             "scoring has no label prior to remove, so it takes content_free=None")
         self.classifier = classifier
         self.ids_to_text = ids_to_text
         self.shuffle = shuffle

@@ -6,6 +6,13 @@ then the query, and the class whose label the language model finds most likely
 after the prompt wins. Labels may be real class names or arbitrary words ("dax",
 "blicket"): the model has to bind them from the demonstrations alone.
 
+Two ways to score. *Direct*: how likely is each label after the query? *Channel*
+(Min et al., 2022, "Noisy Channel Language Model Prompting for Few-Shot Text
+Classification"): write each demonstration label first, and ask how likely the
+query's text is after each label. A small LLM prefers some labels whatever the
+input (the last demonstration's, a familiar word); the channel score cannot be
+decided by such a preference, since every class is scored on the same text.
+
 Inputs are strings. For LQAE, they are token text from ``LQAETokenizer(output="text")``.
 An LLM with its own vocabulary re-tokenises that text, so it should stay readable:
 space-separated WordPiece pieces such as ``"shoe ##s black"`` split into ordinary
@@ -25,7 +32,9 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_consistent_length, check_is_fitted, column_or_1d
 
 DEFAULT_PROMPT = "Input: {input}\nOutput: {label}\n"
-SCORINGS = ("loglik", "mean_loglik")
+#: Channel scoring reads the label first, then the input it explains.
+DEFAULT_CHANNEL_PROMPT = "{label}: {input}\n"
+SCORINGS = ("loglik", "mean_loglik", "channel")
 _SENTINEL_INPUT, _SENTINEL_LABEL = "\x00input\x00", "\x00label\x00"
 
 
@@ -49,13 +58,16 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
     n_examples_per_class : int, default=1
         Demonstrations per class (the "shots"). A class with fewer training samples
         contributes all of them.
-    prompt : str, default="Input: {input}\\nOutput: {label}\\n"
-        Template of one demonstration, with ``{input}`` before ``{label}``, each
-        once. The prompt is the demonstrations one after another, then the query
-        rendered up to ``{label}``. Spaces right before ``{label}`` belong to the
-        label (SentencePiece and BPE vocabularies attach a leading space to the word
-        that follows), and the text after ``{label}`` (the newline) is scored with
-        it, so a label must also *end* where the model expects it to.
+    prompt : str or None, default=None
+        Template of one demonstration, with the fields ``{input}`` and ``{label}``,
+        each once: ``{input}`` first for the direct scorings, ``{label}`` first for
+        ``"channel"``. None is ``"Input: {input}\\nOutput: {label}\\n"`` (direct) or
+        ``"{label}: {input}\\n"`` (channel). The prompt is the demonstrations one
+        after another, then the query rendered up to its second field, whose text is
+        what gets scored. Spaces right before the second field belong to it
+        (SentencePiece and BPE vocabularies attach a leading space to the word that
+        follows), and the text after it (the newline) is scored with it, so it must
+        also *end* where the model expects it to.
     instruction : str or None, default=None
         Optional task-induction line written before the demonstrations, such as
         ``"Answer with one of: {labels}."``; ``{labels}`` becomes the class labels
@@ -63,10 +75,16 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
     max_tokens_per_item : int or None, default=None
         Keep only the first ``max_tokens_per_item`` whitespace-separated tokens of
         each input (demonstrations and queries), to bound the prompt length.
-    scoring : {"loglik", "mean_loglik"}, default="loglik"
-        Class score. ``"loglik"``: the log-probability of the label's text (the sum
-        over its tokens, i.e. the label as a whole). ``"mean_loglik"``: the mean
-        per token, which does not penalise labels that take more tokens.
+    scoring : {"loglik", "mean_loglik", "channel"}, default="loglik"
+        Class score. ``"loglik"``: the log-probability of the label's text after
+        the query (the sum over its tokens, i.e. the label as a whole).
+        ``"mean_loglik"``: the mean per token, which does not penalise labels that
+        take more tokens. ``"channel"``: the noisy-channel score of Min et al.
+        (2022), the log-probability of the query's text after each label,
+        ``log p(input | label, demonstrations)``: Bayes' rule with equal class
+        priors, so the LLM's preference for one label (the label of the last
+        demonstration, a familiar word) cannot decide the answer. It costs one
+        scored query text per class instead of one shared query.
         ``predict_proba`` is the softmax of the scores over the classes.
     batch_size : int or None, default=None
         Queries per forward pass (local models) or prompts per request (servers);
@@ -89,6 +107,8 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         ``str(c)`` for each class: the text written into the prompt.
     example_indices_ : ndarray of int
         Indices into the training ``X`` of the demonstrations, in prompt order.
+    prompt_ : str
+        The demonstration template in use (``prompt``, or the scoring's default).
     prompt_prefix_ : str
         The instruction line and the demonstrations: the prompt every query shares.
     backend_ : LanguageModelBackend
@@ -108,7 +128,7 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         llm=None,
         *,
         n_examples_per_class=1,
-        prompt=DEFAULT_PROMPT,
+        prompt=None,
         instruction=None,
         max_tokens_per_item=None,
         scoring="loglik",
@@ -159,7 +179,9 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         check_consistent_length(texts, y)
         check_classification_targets(y)
         self._check_params()
-        head, between, tail = _split_template(self.prompt)
+        channel = self.scoring == "channel"
+        prompt = self.prompt if self.prompt is not None else (DEFAULT_CHANNEL_PROMPT if channel else DEFAULT_PROMPT)
+        head, between, tail = _split_template(prompt, ("label", "input") if channel else ("input", "label"))
 
         classes = np.unique(y)
         if len(classes) < 2:
@@ -184,17 +206,17 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
             instruction = self.instruction.format(labels=", ".join(label_texts))
             if not instruction.endswith("\n"):
                 instruction += "\n"
-        demonstrations = "".join(
-            head + self._truncate(texts[i]) + between + label_texts[k] + tail for i, k in order
-        )
-        # Spaces before {label} go with the label: " dax" is one word to the LLM.
+        inputs = [self._truncate(t) for t in texts]
+        fields = ((label_texts[k], inputs[i]) if channel else (inputs[i], label_texts[k]) for i, k in order)
+        demonstrations = "".join(head + first + between + second + tail for first, second in fields)
+        # Spaces before the scored field go with it: " dax" is one word to the LLM.
         stripped = between.rstrip(" ")
-        self._query_template = (head, stripped)
-        self.continuations_ = [between[len(stripped):] + text + tail for text in label_texts]
+        self._template = (head, stripped, between[len(stripped):], tail)
 
         self.classes_ = classes
         self.label_texts_ = label_texts
         self.example_indices_ = np.array([i for i, _ in order], dtype=np.int64)
+        self.prompt_ = prompt
         self.prompt_prefix_ = instruction + demonstrations
         self.backend_ = self._make_backend().load()
         return self
@@ -208,6 +230,8 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"max_tokens_per_item must be None or an int >= 1, got {m!r}")
         if self.scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        if self.prompt is not None and not isinstance(self.prompt, str):
+            raise TypeError(f"prompt must be a str template or None, got {type(self.prompt).__name__}")
         if self.instruction is not None:
             if not isinstance(self.instruction, str):
                 raise TypeError(f"instruction must be a str or None, got {type(self.instruction).__name__}")
@@ -248,23 +272,55 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         return text if len(tokens) <= self.max_tokens_per_item else " ".join(tokens[: self.max_tokens_per_item])
 
     # -- prediction ---------------------------------------------------------------------------------------
-    def format_prompt(self, text: str) -> str:
-        """The exact text the LLM reads before it is asked for a label for ``text``."""
-        check_is_fitted(self)
-        return self.prompt_prefix_ + self._query(_check_texts([text], "text")[0])
+    def format_prompt(self, text: str, label=None) -> str:
+        """The exact text the LLM reads for ``text``: the prompt, then ``label`` scored after it.
 
-    def _query(self, text: str) -> str:
-        head, between = self._query_template
-        return head + self._truncate(text) + between
+        With ``label=None``, the prompt up to the scored part (direct scorings only:
+        the LLM is asked for a label). With a class, the whole text whose last part,
+        the label (direct) or the input (channel), is scored.
+        """
+        check_is_fitted(self)
+        text = _check_texts([text], "text")[0]
+        if label is None and self.scoring == "channel":
+            raise ValueError("channel scoring reads the input after each label: pass label= to see one prompt")
+        if label is None:
+            queries, _ = self.scoring_requests([text])
+            return self.prompt_prefix_ + queries[0]
+        matches = np.flatnonzero(self.classes_ == label)
+        if matches.size == 0:
+            raise ValueError(f"label {label!r} is not one of the classes {list(self.classes_)!r}")
+        queries, continuations = self.scoring_requests([text])
+        k = int(matches[0])
+        if self.scoring == "channel":
+            return self.prompt_prefix_ + queries[k] + continuations[0]
+        return self.prompt_prefix_ + queries[0] + continuations[k]
+
+    def scoring_requests(self, X) -> tuple[list[str], list[str]]:
+        """What :meth:`predict_proba` asks the backend to score after ``prompt_prefix_``.
+
+        Returns ``(queries, continuations)``: the backend scores every continuation
+        after every ``prompt_prefix_ + query``. Direct scorings: one query per input
+        (the prompt up to the label) and one continuation per class (the label).
+        Channel: one query per class (the prompt up to the input) and one
+        continuation per input.
+        """
+        check_is_fitted(self)
+        texts = [self._truncate(t) for t in _check_texts(X, "X")]
+        head, between, spaces, tail = self._template
+        fields, scored = (self.label_texts_, texts) if self.scoring == "channel" else (texts, self.label_texts_)
+        return [head + f + between for f in fields], [spaces + s + tail for s in scored]
 
     def _scores(self, X) -> np.ndarray:
-        check_is_fitted(self)
-        texts = _check_texts(X, "X")
-        result = self.backend_.score(self.prompt_prefix_, [self._query(t) for t in texts], self.continuations_)
+        """(n_samples, n_classes) class scores."""
+        queries, continuations = self.scoring_requests(X)  # checks fitted-ness first
+        result = self.backend_.score(self.prompt_prefix_, queries, continuations)
+        if self.scoring == "channel":
+            return result.logprob.T
         return result.logprob if self.scoring == "loglik" else result.mean()
 
     def decision_function(self, X):
-        """Class scores: label log-likelihoods (``scoring``) after each query's prompt.
+        """Class scores (``scoring``): each label's log-likelihood after the query's prompt,
+        or, for channel scoring, the query's log-likelihood after each label.
 
         Returns
         -------
@@ -302,24 +358,26 @@ def _logsumexp(scores: np.ndarray) -> np.ndarray:
     return top + np.log(np.exp(scores - top).sum(axis=1, keepdims=True))
 
 
-def _split_template(prompt) -> tuple[str, str, str]:
-    """Split a demonstration template into (text before input, between, after label)."""
+def _split_template(prompt, order=("input", "label")) -> tuple[str, str, str]:
+    """Split a demonstration template into (text before the first field, between, after the second)."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str template, got {type(prompt).__name__}")
     try:
         fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(prompt) if f is not None]
     except ValueError as exc:
         raise ValueError(f"prompt {prompt!r} is not a valid format string: {exc}") from exc
-    if [f for f, _, _ in fields] != ["input", "label"]:
+    if [f for f, _, _ in fields] != list(order):
+        scorings = "channel scoring" if order[0] == "label" else "scoring='loglik' or 'mean_loglik'"
         raise ValueError(
-            f"prompt must contain {{input}} then {{label}}, each exactly once; {prompt!r} has fields "
-            f"{[f for f, _, _ in fields]}"
+            f"with {scorings}, prompt must contain {{{order[0]}}} then {{{order[1]}}}, each exactly once; "
+            f"{prompt!r} has fields {[f for f, _, _ in fields]}"
         )
     if any(spec or conv for _, spec, conv in fields):
         raise ValueError(f"prompt fields take no conversion or format spec: {prompt!r}")
-    rendered = prompt.format(input=_SENTINEL_INPUT, label=_SENTINEL_LABEL)
-    head, rest = rendered.split(_SENTINEL_INPUT)
-    between, tail = rest.split(_SENTINEL_LABEL)
+    sentinels = {"input": _SENTINEL_INPUT, "label": _SENTINEL_LABEL}
+    rendered = prompt.format(**sentinels)
+    head, rest = rendered.split(sentinels[order[0]])
+    between, tail = rest.split(sentinels[order[1]])
     return head, between, tail
 
 

@@ -72,15 +72,26 @@ class LQAE(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     # -- inference -------------------------------------------------------------------
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) in [0, 1] -> token ids (B, T), row-major over the patch grid."""
-        return self.quantizer.nearest(self.encoder(images))
+    def encode(self, images: torch.Tensor, token_grid: int | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) in [0, 1] -> token ids (B, T), row-major over the patch grid.
+
+        ``token_grid=g`` averages the encoder's output over a g x g grid of regions
+        before the nearest-word search: g * g coarser tokens (see :func:`pool_tokens`).
+        """
+        return self.quantizer.nearest(pool_tokens(self.encoder(images), token_grid))
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.language_model.codebook)
 
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> images (B, C, H, W) clamped to [0, 1]."""
+        """Token ids (B, T) -> images (B, C, H, W) clamped to [0, 1].
+
+        Ids of a coarser token grid (T = g * g < the patch count) are first spread
+        back over the patch grid, each to the patches nearest its region.
+        """
+        grid = self.config.grid_size
+        if ids.shape[1] != grid * grid:
+            ids = unpool_tokens(ids, grid)
         hidden = self.language_model(self.embed_ids(ids))
         return self.decoder(hidden).clamp(0, 1)
 
@@ -102,18 +113,20 @@ class LQAE(nn.Module):
         """
         return self.encode_with_features(images, layers)[1]
 
-    def encode_with_features(self, images: torch.Tensor, layers: list[str], with_ids: bool = True):
+    def encode_with_features(self, images: torch.Tensor, layers: list[str], with_ids: bool = True,
+                             token_grid: int | None = None):
         """Token ids and :meth:`features` from one encoder pass (and one LM pass).
 
         Returns ``(ids or None, features or None)``; ids are computed when
-        ``with_ids`` or when an LM layer needs them.
+        ``with_ids`` or when an LM layer needs them (the LM then reads the
+        ``token_grid`` tokens).
         """
         if not layers:
-            return (self.encode(images) if with_ids else None), None
+            return (self.encode(images, token_grid) if with_ids else None), None
         z, enc_layers = self.encoder(images, return_layers=True)
         by_name = {f"encoder.{i + 1}": h for i, h in enumerate(enc_layers)}
         need_lm = any(name.startswith("lm.") for name in layers)
-        ids = self.quantizer.nearest(z) if with_ids or need_lm else None
+        ids = self.quantizer.nearest(pool_tokens(z, token_grid)) if with_ids or need_lm else None
         if need_lm:
             lm_layers = self.language_model(self.embed_ids(ids), output_hidden_states=True)
             by_name.update({f"lm.{i}": h for i, h in enumerate(lm_layers)})
@@ -141,6 +154,31 @@ class LQAE(nn.Module):
             mlm_loss = recon_loss.new_zeros(())
         loss = recon_loss + c.commitment_weight * commitment + c.mlm_weight * mlm_loss
         return LQAEOutput(reconstruction, ids, mask, loss, recon_loss, commitment, mlm_loss)
+
+
+def pool_tokens(z: torch.Tensor, token_grid: int | None) -> torch.Tensor:
+    """Average (B, n*n, D) patch latents over a ``token_grid`` x ``token_grid`` grid of regions.
+
+    Region edges follow ``adaptive_avg_pool2d`` (regions overlap by a patch when
+    the grids do not divide). None, or the patch grid itself, returns ``z``.
+    """
+    grid = int(round(z.shape[1] ** 0.5))
+    if token_grid is None or token_grid == grid:
+        return z
+    b, _, d = z.shape
+    pooled = F.adaptive_avg_pool2d(z.transpose(1, 2).reshape(b, d, grid, grid).float(), token_grid)
+    return pooled.flatten(2).transpose(1, 2).to(z.dtype)
+
+
+def unpool_tokens(ids: torch.Tensor, grid: int) -> torch.Tensor:
+    """Ids of a coarse g x g token grid (B, g*g) -> (B, grid*grid): each patch takes its nearest region's id."""
+    b, t = ids.shape
+    coarse = int(round(t**0.5))
+    if coarse * coarse != t or coarse > grid:
+        raise ValueError(f"{t} tokens per image do not form a square grid of at most {grid} x {grid}")
+    index = (torch.arange(grid, device=ids.device) * coarse) // grid  # region row/column of each patch
+    square = ids.view(b, coarse, coarse)
+    return square[:, index][:, :, index].reshape(b, grid * grid)
 
 
 def _init_weights(module: nn.Module) -> None:

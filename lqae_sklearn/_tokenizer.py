@@ -79,6 +79,17 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         checked). None uses the checkpoint's.
     progress : bool, default=False
         Show a progress bar over batches.
+    token_grid : int or None, default=None
+        Side of the token grid. None writes one token per patch (7 x 7 = 49 for
+        the shipped checkpoint). An int ``g`` below the patch grid averages the
+        encoder's output over ``g x g`` regions before the nearest-word search:
+        ``g * g`` coarser tokens per image, for LLM prompts, which are cheaper
+        the shorter they are (with the embedded Gemma 3 270M, 3 x 3 tokens
+        classified Fashion-MNIST episodes at least as well as 49; see
+        ``docs/benchmarks.md``). :meth:`inverse_transform` spreads each coarse
+        token back over its patches, so its reconstructions are blockier. With
+        ``output="embeddings"``, LM layers read these tokens; encoder layers are
+        unchanged.
 
     Attributes
     ----------
@@ -95,7 +106,7 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
     layers_ : list of str
         The resolved ``layers``.
     n_tokens_ : int
-        Tokens per image.
+        Tokens per image (``token_grid ** 2``, or the patch count).
     image_shape_ : tuple of int
         Shape of one reconstructed image: (H, W) or (H, W, 3).
 
@@ -140,6 +151,7 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         device="auto",
         language_model=None,
         progress=False,
+        token_grid=None,
     ):
         self.checkpoint = checkpoint
         self.output = output
@@ -148,6 +160,7 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         self.device = device
         self.language_model = language_model
         self.progress = progress
+        self.token_grid = token_grid
 
     # -- fitting ---------------------------------------------------------------------
     def fit(self, X=None, y=None):
@@ -174,7 +187,12 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         self.device_ = str(device)
         self.layers_ = resolve_layers(self.layers, model.feature_layer_names(), model.config.encoder_depth,
                                       model.language_model.num_layers)
-        self.n_tokens_ = model.config.num_tokens
+        grid = model.config.grid_size
+        g = self.token_grid
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, np.integer)) or not 1 <= g <= grid):
+            raise ValueError(f"token_grid must be None or an int from 1 to the checkpoint's patch grid ({grid}), "
+                             f"got {g!r}")
+        self.n_tokens_ = (int(g) if g is not None else grid) ** 2
         size, channels = model.config.image_size, model.config.in_channels
         self.image_shape_ = (size, size) if channels == 1 else (size, size, channels)
         self._weights_sha256 = config["weights_sha256"]
@@ -301,7 +319,8 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         with torch.inference_mode():
             for start in starts:
                 batch = torch.from_numpy(source.batch(start, start + int(self.batch_size))).to(device)
-                ids, features = model.encode_with_features(batch, layers, with_ids=need_ids)
+                ids, features = model.encode_with_features(batch, layers, with_ids=need_ids,
+                                                           token_grid=self.token_grid)
                 if ids is not None:
                     ids_parts.append(ids.cpu().numpy())
                 if features is not None:

@@ -291,6 +291,29 @@ def test_usage_errors_exit_2(tmp_path, checkpoint, args, message):
     assert result.exit_code == 2 and message in result.output, result.output
 
 
+def test_token_grid_writes_coarser_tokens_and_is_part_of_the_settings(tmp_path, checkpoint, fashion):
+    from click.testing import CliRunner
+
+    from lqae_sklearn import LQAETokenizer
+    from lqae_sklearn.cli.encode import cli
+
+    images = fashion[0][:6]
+    (tmp_path / "imgs").mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / "imgs" / f"{i}.png")
+    out = tmp_path / "o.jsonl"
+    args = [str(tmp_path / "imgs"), str(out), "-c", checkpoint, "--workers", "0", "--no-progress"]
+    result = CliRunner().invoke(cli, args + ["--token-grid", "3"])
+    assert result.exit_code == 0, result.output
+    records = sorted(load_records(out), key=lambda r: r["path"])
+    expected = LQAETokenizer(checkpoint, token_grid=3, output="text").fit().transform(images)
+    assert [r["text"] for r in records] == expected
+    assert all(len(r["ids"]) == 9 for r in records)
+    # Resuming with other tokens per image would mix two kinds of record: refused.
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 2 and "token_grid: 3 then, None now" in again.output
+
+
 def test_help_documents_exit_codes_and_resume():
     from click.testing import CliRunner
 

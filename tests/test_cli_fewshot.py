@@ -45,9 +45,9 @@ def write_two_class_folder(root: Path, per_class=3) -> Path:
 @pytest.mark.slow  # loads the tokenizer and the embedded Gemma in a fresh process
 def test_llm_table_on_the_example_folder(tmp_path):
     out = tmp_path / "result.json"
-    # Two images per class: 1 support + 1 query. Few tokens per item keep the LLM calls short.
+    # Two images per class: 1 support + 1 query. Few tokens per item (3 x 3) keep the LLM calls short.
     result = run_fewshot(EXAMPLES, "--way", "2", "--shot", "1", "--episodes", "3", "--method", "llm,shuffled,pixels",
-                         "--max-tokens-per-item", "8", "--json", out, "--no-progress")
+                         "--scoring", "channel", "--token-grid", "3", "--json", out, "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "Few-shot accuracy on the folder" in result.stdout
     rows = table_rows(result.stdout)
@@ -55,6 +55,7 @@ def test_llm_table_on_the_example_folder(tmp_path):
     for value in rows[0][3:]:
         assert 0.0 <= accuracy(value) <= 1.0
     record = json.loads(out.read_text())
+    assert (record["scoring"], record["token_grid"]) == ("channel", 3)
     cell = record["cells"][0]
     assert (cell["way"], cell["shot"], cell["episodes"]) == (2, 1, 3)
     for name in ("llm", "shuffled", "pixels"):
@@ -122,3 +123,5 @@ def test_bad_option_is_a_usage_error(tmp_path):
     assert result.exit_code == 2 and "knn not among llm, shuffled, pixels" in result.stderr
     result = CliRunner().invoke(cli, [source, "--way", "1"])
     assert result.exit_code == 2 and "--way" in result.stderr
+    result = CliRunner().invoke(cli, [source, "--scoring", "channel", "--calibrate"])
+    assert result.exit_code == 2 and "--calibrate applies to the direct scorings" in result.stderr

@@ -205,3 +205,11 @@ def test_content_free_calibration_removes_a_constant_label_preference():
     np.testing.assert_allclose(proba.sum(axis=1), 1.0)
     np.testing.assert_allclose(proba.max(axis=1), 0.75)  # odds 3:1 once the 4:1 preference is divided out
     assert runner.last_proba_.shape == (len(episode.query) + 1, 2)
+
+
+def test_content_free_calibration_is_refused_for_channel_scoring():
+    from lqae_sklearn import LLMFewShotClassifier
+
+    with pytest.raises(ValueError, match="channel scoring has no label prior"):
+        LLMEpisodeRunner(LLMFewShotClassifier(scoring="channel"), str, content_free="")
+    LLMEpisodeRunner(LLMFewShotClassifier(scoring="channel"), str)  # no calibration: fine

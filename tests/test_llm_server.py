@@ -62,7 +62,8 @@ def test_model_server_scores_match_local_backend():
     assert requests[0]["body"]["echo"] is True and requests[0]["body"]["max_tokens"] == 0
 
 
-def test_classifier_through_server_matches_embedded_gemma():
+@pytest.mark.parametrize("scoring", ["loglik", "channel"])
+def test_classifier_through_server_matches_embedded_gemma(scoring):
     """The classifier gives the same probabilities through HTTP as with the model in-process."""
     local = HuggingFaceBackend(device="cpu", dtype="float32")
     texts = ["shoe ##s black sleeve", "bag strap wool", "shoe black ##s", "strap bag ##ish"]
@@ -72,10 +73,11 @@ def test_classifier_through_server_matches_embedded_gemma():
         local.torch_model, str(embedded_model_dir() / "tokenizer.json"), bos_token_id=2, name="gemma"
     ) as server:
         remote = LLMFewShotClassifier(
-            server.url, n_examples_per_class=2, random_state=0, llm_options={"model": "gemma"}
+            server.url, n_examples_per_class=2, scoring=scoring, random_state=0, llm_options={"model": "gemma"}
         )
         proba_remote = remote.fit(texts, labels).predict_proba(queries)
-    proba_local = LLMFewShotClassifier(local, n_examples_per_class=2, random_state=0).fit(texts, labels).predict_proba(queries)
+    proba_local = LLMFewShotClassifier(local, n_examples_per_class=2, scoring=scoring, random_state=0).fit(
+        texts, labels).predict_proba(queries)
     np.testing.assert_allclose(proba_remote, proba_local, atol=1e-3)
     assert proba_local.shape == (2, 2) and not np.allclose(proba_local, 0.5)
 

@@ -178,6 +178,38 @@ def test_inverse_transform_reconstructs_images(fitted, images):
     np.testing.assert_array_equal(fitted.inverse_transform(fitted.ids_to_text(ids)), reconstructed)
 
 
+def test_coarse_token_grid_pools_the_encoder_output(checkpoint, images):
+    x = model_input(images)
+    full = LQAETokenizer(checkpoint).fit()
+    with torch.inference_mode():
+        z = full.model_.encoder(x)  # (N, 49, 384)
+        # 1 x 1: the nearest word to the image's mean latent; 7 x 7: the patch tokens themselves.
+        mean_token = full.model_.quantizer.nearest(z.mean(dim=1, keepdim=True)).numpy()
+    np.testing.assert_array_equal(LQAETokenizer(checkpoint, token_grid=1).fit().transform(images), mean_token)
+    np.testing.assert_array_equal(LQAETokenizer(checkpoint, token_grid=7).fit().transform(images), full.transform(images))
+
+    coarse = LQAETokenizer(checkpoint, token_grid=3, output="text").fit()
+    assert coarse.n_tokens_ == 9 and coarse.get_feature_names_out().tolist() == ["text"]
+    texts = coarse.transform(images)
+    ids = coarse.text_to_ids(texts)
+    assert ids.shape == (len(images), 9) and all(len(t.split()) == 9 for t in texts)
+    with torch.inference_mode():
+        # Region (0, 0) of a 3 x 3 grid over 7 x 7 patches covers patches rows/columns 0-2.
+        corner = full.model_.quantizer.nearest(z.view(-1, 7, 7, 384)[:, :3, :3].mean(dim=(1, 2))[:, None])
+    np.testing.assert_array_equal(ids[:, 0], corner[:, 0].numpy())
+    # Decoding spreads each coarse token over its patches.
+    reconstructed = coarse.inverse_transform(texts)
+    with torch.inference_mode():
+        spread = torch.from_numpy(ids).view(-1, 3, 3)[:, [0, 0, 0, 1, 1, 2, 2]][:, :, [0, 0, 0, 1, 1, 2, 2]]
+        expected = full.model_.decode(spread.reshape(-1, 49))[:, 0].numpy()
+    np.testing.assert_allclose(reconstructed, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"must have shape \(n_images, 9\)"):
+        coarse.inverse_transform(full.transform(images))
+    for bad in (0, 8, 2.5, True):
+        with pytest.raises(ValueError, match="token_grid must be None or an int from 1 to .* \\(7\\)"):
+            LQAETokenizer(checkpoint, token_grid=bad).fit()
+
+
 # -- inputs ------------------------------------------------------------------------------
 def test_every_input_form_gives_the_same_ids(fitted, images, tmp_path):
     expected = fitted.transform(images)

@@ -74,7 +74,7 @@ def test_clone_and_params(checkpoint):
     params = tok.get_params()
     assert params == {
         "checkpoint": checkpoint, "output": "embeddings", "layers": ["lm.6"], "batch_size": 32,
-        "device": "auto", "language_model": None, "progress": False,
+        "device": "auto", "language_model": None, "progress": False, "token_grid": None,
     }
     copy = clone(tok.fit())
     assert copy.get_params() == params and copy.get_params()["layers"] is not tok.layers

@@ -38,7 +38,7 @@ from ._base import ContinuationScores, LanguageModelBackend, check_score_argumen
 from ._cache import EMBEDDED_LLM, embedded_model_dir, load_causal_lm
 
 _DTYPES = ("float32", "bfloat16", "float16")
-# Memory allowed for the label step's copies of the query caches (rows x labels).
+# Memory allowed per chunk of the label step: copies of the query caches and the logits.
 _STAGE2_BYTES = 1 << 30
 
 
@@ -236,55 +236,53 @@ class HuggingFaceBackend(LanguageModelBackend):
         """Log-probs of every continuation token after the first, for each row of ``cache``.
 
         Row ``i`` of ``cache`` holds ``lengths[i]`` real tokens followed by padding.
-        Each row is shifted right so that its real tokens end at the same slot and
-        repeated once per label; the labels then follow directly. The padding now
-        sits *before* the real tokens, masked out, so every slot distance equals
-        the real token distance (sliding windows stay exact), and positions are
-        passed explicitly for the rotary embeddings.
+        Each (row, continuation) pair gets a copy of its row, shifted right so that
+        the real tokens end at the same slot, and the continuation follows directly.
+        The padding now sits *before* the real tokens, masked out, so every slot
+        distance equals the real token distance (sliding windows stay exact), and
+        positions are passed explicitly for the rotary embeddings. Pairs go in
+        chunks that bound both the cache copies and the vocabulary-wide logits
+        (long continuations, as in channel scoring, need logits at every token).
         """
         from transformers import DynamicCache
 
-        out = np.zeros((len(lengths), len(continuation_ids)))
+        n_rows, n_conts = len(lengths), len(continuation_ids)
+        out = np.zeros((n_rows, n_conts))
         if all(len(c) == 1 for c in continuation_ids):
             return out
-        n_labels = len(continuation_ids)
         inputs = [c[:-1] for c in continuation_ids]  # token t predicts token t + 1
         targets = [c[1:] for c in continuation_ids]
         width = max(len(t) for t in targets)
         target_ids = torch.tensor([t + [0] * (width - len(t)) for t in targets], device=device)
         target_mask = torch.tensor([[1.0] * len(t) + [0.0] * (width - len(t)) for t in targets], device=device)
-        label_ids = self._pad(inputs, torch, device)  # (labels, width)
+        continuation_inputs = self._pad(inputs, torch, device)  # (continuations, width)
         layers = [(layer.keys, layer.values) for layer in cache.layers]
-        # Bound the repeated cache (rows x labels copies of it) to about _STAGE2_BYTES.
-        row_bytes = max(lengths) * sum(k.shape[1] * k.shape[3] * k.element_size() * 2 for k, _ in layers)
-        per_chunk = max(1, int(_STAGE2_BYTES // max(row_bytes * n_labels, 1)))
-        for begin in range(0, len(lengths), per_chunk):
-            rows = list(range(begin, min(begin + per_chunk, len(lengths))))
-            length = torch.tensor([lengths[r] for r in rows], device=device)
+        vocab = self._loaded.model.get_output_embeddings().weight.shape[0]
+        cache_bytes = max(lengths) * sum(k.shape[1] * k.shape[3] * k.element_size() * 2 for k, _ in layers)
+        logit_bytes = width * vocab * 4 * 2  # fp32 logits and their log-softmax
+        per_chunk = max(1, int(_STAGE2_BYTES // (cache_bytes + logit_bytes)))
+        pairs = [(r, c) for r in range(n_rows) for c in range(n_conts)]
+        for begin in range(0, len(pairs), per_chunk):
+            rows = torch.tensor([r for r, _ in pairs[begin:begin + per_chunk]], device=device)
+            conts = torch.tensor([c for _, c in pairs[begin:begin + per_chunk]], device=device)
+            length = torch.tensor(lengths, device=device)[rows]
             span = int(length.max())
-            source = torch.arange(span, device=device)[None, :] - (span - length)[:, None]  # (rows, span)
+            source = torch.arange(span, device=device)[None, :] - (span - length)[:, None]  # (pairs, span)
             real = source >= 0
             index = source.clamp(min=0)
-            row_index = torch.tensor(rows, device=device)
             shifted = []
             for k, v in layers:
                 gather = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-                shifted.append(
-                    (
-                        k[row_index].gather(2, gather).repeat_interleave(n_labels, 0),
-                        v[row_index].gather(2, gather).repeat_interleave(n_labels, 0),
-                    )
-                )
-            n = len(rows) * n_labels
-            ids = label_ids.repeat(len(rows), 1)
-            attention = torch.cat([real.repeat_interleave(n_labels, 0), torch.ones(n, width, dtype=torch.bool, device=device)], 1)
-            positions = length.repeat_interleave(n_labels)[:, None] + torch.arange(width, device=device)[None, :]
+                shifted.append((k[rows].gather(2, gather), v[rows].gather(2, gather)))
+            n = len(rows)
+            attention = torch.cat([real, torch.ones(n, width, dtype=torch.bool, device=device)], 1)
+            positions = length[:, None] + torch.arange(width, device=device)[None, :]
             kwargs = {self._cache_kwarg: DynamicCache(shifted), "use_cache": True}
             logits = self._loaded.model(
-                input_ids=ids, attention_mask=attention.long(), position_ids=positions, **kwargs
+                input_ids=continuation_inputs[conts], attention_mask=attention.long(), position_ids=positions, **kwargs
             ).logits
-            logp = torch.log_softmax(logits.float(), dim=-1)  # (rows * labels, width, V)
-            picked = logp.gather(-1, target_ids.repeat(len(rows), 1)[..., None])[..., 0]
-            sums = (picked * target_mask.repeat(len(rows), 1)).sum(-1).view(len(rows), n_labels)
-            out[rows] = sums.double().cpu().numpy()
+            logp = torch.log_softmax(logits.float(), dim=-1)  # (pairs, width, V)
+            picked = logp.gather(-1, target_ids[conts][..., None])[..., 0]
+            sums = (picked * target_mask[conts]).sum(-1)
+            out[rows.cpu().numpy(), conts.cpu().numpy()] = sums.double().cpu().numpy()
         return out
