@@ -13,6 +13,8 @@ Every (way, shot) cell runs the same episodes (fixed by --seed) through:
   depends on the image, so these controls should score chance;
 * ``within`` (optional): ``llm`` with each image's own tokens in a random order: the bag of
   tokens survives, only the patch order is lost;
+* ``token_overlap``: no LLM; the class whose support images share the most tokens with the
+  query (``token_overlap_predict``): how much class evidence the token text carries as word overlap;
 * ``pixels``: nearest class mean of raw pixels, squared L2 (the non-LLM baseline).
 
 Episodes draw from the first ``--pool-per-class`` test images of each class; that pool
@@ -42,7 +44,7 @@ import torch
 
 from lqae_sklearn import LLMFewShotClassifier, LQAETokenizer
 from lqae_sklearn._episodes import (
-    LLMEpisodeRunner, evaluate_grid, format_table, prototype_predict,
+    LLMEpisodeRunner, evaluate_grid, format_table, prototype_predict, token_overlap_predict,
 )
 from lqae_sklearn.datasets import load_fashion_mnist
 from lqae_sklearn.llm import HuggingFaceBackend, LanguageModelBackend
@@ -50,7 +52,7 @@ from lqae_sklearn.llm import HuggingFaceBackend, LanguageModelBackend
 TITLES = {"llm": "LLM, direct", "other_scoring": "direct, other label scoring",
           "calibrated": "direct, calibrated", "channel": "LLM, channel", "shuffled": "direct, shuffled tokens",
           "channel_shuffled": "channel, shuffled tokens", "within": "direct, shuffled within image",
-          "pixels": "pixel prototypes"}
+          "token_overlap": "token overlap (no LLM)", "pixels": "pixel prototypes"}
 
 
 def _ints(text):
@@ -100,7 +102,7 @@ def main(argv=None):
     parser.add_argument("--queries", type=int, default=2, help="query images per class per episode")
     parser.add_argument("--methods", default="channel,channel_shuffled,llm,calibrated,pixels",
                         help="comma-separated: llm, other_scoring, calibrated, channel, shuffled, channel_shuffled, "
-                             "within, pixels (other_scoring and calibrated read the llm call of the same episode)")
+                             "within, token_overlap, pixels (other_scoring and calibrated read the llm call of the same episode)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scoring", default="loglik", choices=["loglik", "mean_loglik"],
                         help="label scoring of the direct methods (llm, shuffled, within)")
@@ -192,6 +194,7 @@ def main(argv=None):
         "within": llm_method("within"),
         "other_scoring": other_scoring,  # these two read the LLM method listed before them
         "calibrated": calibrated,
+        "token_overlap": lambda e: token_overlap_predict(ids[e.support], e.support_y, ids[e.query]),
         "pixels": lambda e: prototype_predict(pixels[e.support], e.support_y, pixels[e.query]),
     }
     unknown = set(methods) - set(available)

@@ -14,7 +14,8 @@ number of episodes asked for, and every method sees the same episodes, so method
 compare paired.
 
 The methods here work on precomputed inputs: :func:`prototype_predict` on pixel
-arrays, :class:`LLMEpisodeRunner` on LQAE token ids (written as text for the LLM).
+arrays, :func:`token_overlap_predict` and :class:`LLMEpisodeRunner` on LQAE token
+ids (written as text for the LLM).
 Images are encoded once, before any episode, by whoever calls them.
 """
 
@@ -179,6 +180,32 @@ def prototype_predict(support_x, support_y, query_x) -> np.ndarray:
     prototypes = np.stack([support_x[support_y == c].mean(axis=0) for c in classes])
     distances = ((query_x[:, None, :] - prototypes[None, :, :]) ** 2).sum(axis=-1)
     return classes[np.argmin(distances, axis=1)]
+
+
+def token_overlap_predict(support_ids, support_y, query_ids) -> np.ndarray:
+    """Class whose support items share the most tokens with the query: a non-LLM baseline on the LLM's input.
+
+    The score of a class is the mean, over its support items, of the size of the
+    multiset intersection of their token ids with the query's (order ignored).
+    It measures how much class evidence the token texts carry as plain word
+    overlap, which is what an LLM reading them can most easily pick up.
+
+    Returns
+    -------
+    ndarray of shape (n_query,)
+        The support label of the best class (ties: the first class in sorted order).
+    """
+    support_ids, query_ids = np.asarray(support_ids), np.asarray(query_ids)
+    support_y = np.asarray(support_y)
+    vocab, inverse = np.unique(np.concatenate([support_ids.ravel(), query_ids.ravel()]), return_inverse=True)
+    counts = np.zeros((len(support_ids) + len(query_ids), len(vocab)), dtype=np.int64)
+    rows = np.repeat(np.arange(len(counts)), support_ids.shape[1])
+    np.add.at(counts, (rows, inverse), 1)
+    support_counts, query_counts = counts[: len(support_ids)], counts[len(support_ids):]
+    shared = np.minimum(query_counts[:, None, :], support_counts[None, :, :]).sum(-1)  # (n_query, n_support)
+    classes = np.unique(support_y)
+    scores = np.stack([shared[:, support_y == c].mean(axis=1) for c in classes], axis=1)
+    return classes[np.argmax(scores, axis=1)]
 
 
 def shuffle_tokens(ids, mode, rng) -> np.ndarray:

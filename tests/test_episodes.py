@@ -12,6 +12,7 @@ from lqae_sklearn._episodes import (
     prototype_predict,
     sample_episodes,
     shuffle_tokens,
+    token_overlap_predict,
 )
 
 Y = np.repeat(np.arange(6), 12)  # 6 classes, 12 items each
@@ -213,3 +214,14 @@ def test_content_free_calibration_is_refused_for_channel_scoring():
     with pytest.raises(ValueError, match="channel scoring has no label prior"):
         LLMEpisodeRunner(LLMFewShotClassifier(scoring="channel"), str, content_free="")
     LLMEpisodeRunner(LLMFewShotClassifier(scoring="channel"), str)  # no calibration: fine
+
+
+def test_token_overlap_counts_shared_tokens_as_multisets():
+    support = np.array([[1, 1, 2, 3], [7, 8, 9, 9], [1, 5, 6, 6]])
+    support_y = np.array(["a", "b", "a"])
+    query = np.array([[1, 1, 9, 9], [9, 8, 4, 4], [6, 6, 1, 2]])
+    # Query 0 shares {1, 1} with a's first item and {1} with its second (mean 1.5) but {9, 9} with b (2).
+    # Query 1 shares {9, 8} with b only; query 2 shares {1, 2} and {1, 6, 6} with a.
+    np.testing.assert_array_equal(token_overlap_predict(support, support_y, query), ["b", "b", "a"])
+    # No overlap anywhere: the first class in sorted order.
+    assert token_overlap_predict(support, support_y, np.array([[0, 0, 0, 0]]))[0] == "a"
