@@ -308,10 +308,11 @@ def test_unpickling_in_a_fresh_process_reloads_the_model(tmp_path):
 def test_grid_search_over_shots_and_scoring():
     X, y = _data(n_per_class=4, classes=("dax", "blicket"))
     search = GridSearchCV(
-        _tiny(), {"n_examples_per_class": [1, 2], "scoring": ["loglik", "mean_loglik"]}, cv=2, error_score="raise"
+        _tiny(), {"n_examples_per_class": [1, 2], "scoring": ["loglik", "mean_loglik", "channel"]}, cv=2,
+        error_score="raise",
     )
     search.fit(X, y)
-    assert len(search.cv_results_["params"]) == 4
+    assert len(search.cv_results_["params"]) == 6
     assert search.best_params_["n_examples_per_class"] in (1, 2)
     assert search.best_estimator_.predict(X).shape == (8,)
     assert np.isfinite(search.cv_results_["mean_test_score"]).all()
