@@ -85,7 +85,8 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         encoder's output over ``g x g`` regions before the nearest-word search:
         ``g * g`` coarser tokens per image, for LLM prompts, which are cheaper
         the shorter they are (with the embedded Gemma 3 270M, 3 x 3 tokens
-        classified Fashion-MNIST episodes at least as well as 49; see
+        classified Fashion-MNIST episodes as accurately as 49, within the
+        confidence intervals, in a fifth to a third of the LLM time; see
         ``docs/benchmarks.md``). :meth:`inverse_transform` spreads each coarse
         token back over its patches, so its reconstructions are blockier. With
         ``output="embeddings"``, LM layers read these tokens; encoder layers are
