@@ -26,8 +26,9 @@ Writes a Markdown table and a JSON file (per-episode accuracies, seconds per met
 the largest deviation of a ``predict_proba`` row sum from 1). Results and the exact
 commands: ``docs/benchmarks.md``, "Few-shot classification (Fashion-MNIST episodes)". Example::
 
-    python benchmarks/fewshot_eval.py --ways 2,5 --shots 1,3,5 --episodes 200 --queries 1 \\
-        --methods llm,other_scoring,calibrated,shuffled,pixels --ids-cache ids.npz --out results/fewshot
+    python benchmarks/fewshot_eval.py --ways 2,5 --shots 1,3,5 --episodes 200 --queries 1 --token-grid 3 \\
+        --pool-per-class 1000 --methods channel,llm,calibrated,other_scoring,pixels --ids-cache ids_g3.npz \\
+        --out results/fewshot
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def main(argv=None):
     parser.add_argument("--queries", type=int, default=2, help="query images per class per episode")
     parser.add_argument("--methods", default="channel,channel_shuffled,llm,calibrated,pixels",
                         help="comma-separated: llm, other_scoring, calibrated, channel, shuffled, channel_shuffled, "
-                             "within, token_overlap, pixels (other_scoring and calibrated read the llm call of the same episode)")
+                             "within, token_overlap, pixels (other_scoring and calibrated read the llm call of "
+                             "the same episode)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scoring", default="loglik", choices=["loglik", "mean_loglik"],
                         help="label scoring of the direct methods (llm, shuffled, within)")
