@@ -163,7 +163,8 @@ def cli(source, ways, shots, queries, episodes, seed, methods, checkpoint, llm, 
     try:
         code = run(source, ways=ways or (2, 5), shots=shots or (1, 5), n_query=queries, n_episodes=episodes,
                    seed=seed, methods=methods, checkpoint=checkpoint, llm=llm, scoring=scoring,
-                   token_grid=token_grid, instruction=instruction, calibrate=calibrate, max_tokens_per_item=max_tokens_per_item, device=device,
+                   token_grid=token_grid, instruction=instruction, calibrate=calibrate,
+                   max_tokens_per_item=max_tokens_per_item, device=device,
                    json_path=json_path, progress=progress)
     except UsageProblem as exc:
         click.echo(f"lqae-fewshot: error: {exc}", err=True)
@@ -174,7 +175,7 @@ def cli(source, ways, shots, queries, episodes, seed, methods, checkpoint, llm, 
     sys.exit(code)
 
 
-def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, llm, scoring, token_grid=None,
+def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, llm, scoring, token_grid,
         instruction, calibrate, max_tokens_per_item, device, json_path, progress) -> int:
     """Load SOURCE, encode it once, run the grid and print the table; returns the exit status."""
     from lqae_sklearn._checkpoint import CheckpointError, read_checkpoint_config
