@@ -39,9 +39,9 @@ def make_corpus(root: Path, n_images: int) -> list[Path]:
     """Folders ``root/000``, ``root/001``, ... of 1,000 PNGs each (reused if already complete)."""
     from PIL import Image
 
-    from lqae_sklearn.datasets import load_fashion_mnist
+    from lqae_sklearn.datasets import fetch_fashion_mnist
 
-    images, _ = load_fashion_mnist("train")
+    images, _ = fetch_fashion_mnist(subset="train", return_X_y=True)
     folders = []
     for f in range((n_images + PER_FOLDER - 1) // PER_FOLDER):
         folder = root / f"{f:03d}"

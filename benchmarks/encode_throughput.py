@@ -36,7 +36,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lqae_sklearn import LQAETokenizer
-from lqae_sklearn.datasets import load_fashion_mnist
+from lqae_sklearn.datasets import fetch_fashion_mnist
 
 
 def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    images, _ = load_fashion_mnist("test")
+    images, _ = fetch_fashion_mnist(subset="test", return_X_y=True)
     images = images[: args.images]
     ids_tok = LQAETokenizer(args.checkpoint, output="ids", batch_size=args.batch_size, device="cpu").fit()
     emb_tok = LQAETokenizer(args.checkpoint, output="embeddings", layers=args.layers,

@@ -47,7 +47,7 @@ from lqae_sklearn import LLMFewShotClassifier, LQAETokenizer
 from lqae_sklearn._episodes import (
     LLMEpisodeRunner, evaluate_grid, format_table, prototype_predict, token_overlap_predict,
 )
-from lqae_sklearn.datasets import load_fashion_mnist
+from lqae_sklearn.datasets import fetch_fashion_mnist
 from lqae_sklearn.llm import HuggingFaceBackend, LanguageModelBackend
 
 TITLES = {"llm": "LLM, direct", "other_scoring": "direct, other label scoring",
@@ -124,7 +124,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
 
-    images, labels = load_fashion_mnist("test")
+    images, labels = fetch_fashion_mnist(subset="test", return_X_y=True)
     pool = np.sort(np.concatenate([np.flatnonzero(labels == c)[: args.pool_per_class] for c in np.unique(labels)]))
     images, labels = images[pool], labels[pool]
 

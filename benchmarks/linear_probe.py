@@ -30,7 +30,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from lqae_sklearn import LQAETokenizer
-from lqae_sklearn.datasets import load_fashion_mnist
+from lqae_sklearn.datasets import fetch_fashion_mnist
 
 
 def layer_sets(names: list[str]) -> dict[str, list[str]]:
@@ -88,8 +88,8 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    X_train, y_train = load_fashion_mnist("train")
-    X_test, y_test = load_fashion_mnist("test")
+    X_train, y_train = fetch_fashion_mnist(subset="train", return_X_y=True)
+    X_test, y_test = fetch_fashion_mnist(subset="test", return_X_y=True)
     X_train, y_train = X_train[: args.limit], y_train[: args.limit]
     X_test, y_test = X_test[: args.test_limit], y_test[: args.test_limit]
     results = {"train_images": len(X_train), "test_images": len(X_test), "C": args.C, "probes": {}}

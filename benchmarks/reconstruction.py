@@ -16,7 +16,7 @@ import torch
 
 from lqae_sklearn import load_checkpoint
 from lqae_sklearn._checkpoint import DEFAULT_CHECKPOINT
-from lqae_sklearn.datasets import load_fashion_mnist
+from lqae_sklearn.datasets import fetch_fashion_mnist
 from lqae_sklearn.training._report import code_statistics, psnr, save_grid
 
 
@@ -29,7 +29,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     model = load_checkpoint(args.checkpoint)
-    images, _ = load_fashion_mnist("test")
+    images, _ = fetch_fashion_mnist(subset="test", return_X_y=True)
     images = torch.from_numpy(images[: args.limit]).float().div(255).unsqueeze(1)
     squared_error = 0.0
     counts = torch.zeros(model.language_model.vocab_size)

@@ -35,8 +35,9 @@ Each cell prints the mean accuracy over episodes ± the half-width of its
 95% confidence interval (Student t over per-episode accuracies).
 
 \b
-SOURCE is "fashion-mnist" (the test split of the idx files under
-/usr/share/datasets/fashion-mnist or $LQAE_FASHION_MNIST) or a folder with
+SOURCE is "fashion-mnist" (its test split, from fetch_fashion_mnist: the
+scikit-learn data cache, $LQAE_FASHION_MNIST, Debian's package, or a
+one-time download) or a folder with
 one subfolder of images per class (the class is the name of the folder
 holding the image, e.g. examples/fashion-mnist/sneaker/00012.png).
 
@@ -193,11 +194,11 @@ def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, 
     if json_path is not None and os.path.isdir(json_path):
         raise UsageProblem(f"--json {json_path!r} is a folder; give a file path")
     if source == "fashion-mnist":
-        from lqae_sklearn.datasets import load_fashion_mnist
+        from lqae_sklearn.datasets import fetch_fashion_mnist
 
         try:
-            images, labels = load_fashion_mnist("test")
-        except (FileNotFoundError, ValueError) as exc:
+            images, labels = fetch_fashion_mnist(subset="test", return_X_y=True)
+        except OSError as exc:
             raise UsageProblem(str(exc)) from exc
         described = "Fashion-MNIST test split"
     else:

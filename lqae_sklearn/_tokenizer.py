@@ -135,8 +135,8 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
     Examples
     --------
     >>> from lqae_sklearn import LQAETokenizer
-    >>> from lqae_sklearn.datasets import load_fashion_mnist
-    >>> images, labels = load_fashion_mnist("test")
+    >>> from lqae_sklearn.datasets import fetch_fashion_mnist
+    >>> images, labels = fetch_fashion_mnist(subset="test", return_X_y=True)
     >>> tok = LQAETokenizer(output="text").fit()
     >>> texts = tok.transform(images[:2])
     >>> len(texts), len(texts[0].split())

@@ -22,8 +22,8 @@ from lqae_sklearn._checkpoint import DEFAULT_CHECKPOINT
 from lqae_sklearn.cli._decode import WORKER_DIED, DecodePipeline, decode_file
 from lqae_sklearn.cli._discovery import Item, discover, in_shard
 from lqae_sklearn.cli._jsonl import iter_records, repair_torn_tail
-from lqae_sklearn.datasets import load_fashion_mnist
 
+from conftest import fashion_mnist_subset
 from test_images import write_bilevel_png
 
 ENCODE = [sys.executable, "-m", "lqae_sklearn.cli.encode"]
@@ -48,7 +48,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fashion():
-    images, labels = load_fashion_mnist("test")
+    images, labels = fashion_mnist_subset("test")
     return images[:300], labels[:300]
 
 

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lqae_sklearn._images import ImageLoadError, load_image, to_model_input
-from lqae_sklearn.datasets import load_fashion_mnist
+from lqae_sklearn.datasets import fetch_fashion_mnist
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -70,11 +70,15 @@ def _to_uint8_nchw(array: np.ndarray, preprocessing: dict, name: str) -> torch.T
     return torch.from_numpy(np.rint(out * 255).astype(np.uint8))
 
 
-def open_training_data(source: str, preprocessing: dict, fashion_mnist_dir=None) -> Dataset:
-    """``"fashion-mnist"`` (train split), a ``.npy`` file of images, or a folder of image files."""
+def open_training_data(source: str, preprocessing: dict, data_home=None) -> Dataset:
+    """``"fashion-mnist"`` (train split), a ``.npy`` file of images, or a folder of image files.
+
+    Fashion-MNIST comes from :func:`~lqae_sklearn.datasets.fetch_fashion_mnist`
+    (``data_home`` is its cache folder).
+    """
     if source in ("fashion-mnist", "fashion-mnist:train", "fashion-mnist:test"):
         split = "test" if source.endswith(":test") else "train"
-        images, _ = load_fashion_mnist(split, fashion_mnist_dir)
+        images, _ = fetch_fashion_mnist(subset=split, data_home=data_home, return_X_y=True)
         desc = {"source": "fashion-mnist", "split": split, "num_images": len(images)}
         return TensorImages(_to_uint8_nchw(images, preprocessing, source), desc)
     path = Path(source)

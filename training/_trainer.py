@@ -44,7 +44,7 @@ class TrainConfig:
     preset: str = "small-28"
     model_overrides: dict = field(default_factory=dict)
     data: str = "fashion-mnist"
-    fashion_mnist_dir: str | None = None
+    data_home: str | None = None  # fetch_fashion_mnist's cache folder
     eval_data: str | None = None  # default: the Fashion-MNIST test split when training on Fashion-MNIST
     eval_images: int = 1000
     steps: int = 1000
@@ -176,14 +176,14 @@ def train(cfg: TrainConfig) -> Path:
 
     # -- data ------------------------------------------------------------------------
     preprocessing = preprocessing_of(model_config)
-    data = open_training_data(cfg.data, preprocessing, cfg.fashion_mnist_dir)
+    data = open_training_data(cfg.data, preprocessing, cfg.data_home)
     if cfg.batch_size % (ddp.world * cfg.accumulation):
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by processes x accumulation ({ddp.world} x {cfg.accumulation})")
     order = EpochOrder(len(data), cfg.batch_size, ddp.world, cfg.accumulation, cfg.seed)
     eval_source = cfg.eval_data or ("fashion-mnist:test" if cfg.data.startswith("fashion-mnist") else None)
     eval_images = None
     if eval_source and ddp.main:
-        eval_set = open_training_data(eval_source, preprocessing, cfg.fashion_mnist_dir)
+        eval_set = open_training_data(eval_source, preprocessing, cfg.data_home)
         n = min(cfg.eval_images, len(eval_set))
         eval_images = torch.stack([eval_set[i] for i in range(n)])
 

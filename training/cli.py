@@ -14,7 +14,7 @@ from ._trainer import TrainConfig, train
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--data", default="fashion-mnist", help="'fashion-mnist' (train split), a folder of images (recursive) or a .npy array (N,H,W[,C]).")
-@click.option("--fashion-mnist-dir", type=click.Path(file_okay=False), help="Folder of the Fashion-MNIST idx files [default: /usr/share/datasets/fashion-mnist].")
+@click.option("--data-home", type=click.Path(file_okay=False), help="Cache folder for --data fashion-mnist (fetch_fashion_mnist's data_home) [default: $SCIKIT_LEARN_DATA or ~/scikit_learn_data].")
 @click.option("--out", "out_dir", default="runs/lqae", type=click.Path(file_okay=False), help="Run folder: checkpoint/, metrics.jsonl, samples/.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="small-28", help="Architecture preset.")
 @click.option("--language-model", help="Frozen LM (Hugging Face name or path) instead of the preset's.")
