@@ -345,4 +345,11 @@ def test_pipeline_with_lqae_tokenizer_on_images(tmp_path):
     proba = pipe.predict_proba(images[test])
     assert proba.shape == (4, 2)
     np.testing.assert_allclose(proba.sum(1), 1.0)
-    assert set(pipe.predict(images[test])) <= {"dax", "blicket"}
+    # The pipeline scores each image's own token text: the same probabilities as the classifier on that
+    # text, different rows for different images, and predictions that follow them.
+    fewshot = pipe.named_steps["fewshot"]
+    text = pipe.named_steps["tokens"].transform(images[test])
+    assert len(set(text)) == 4
+    np.testing.assert_allclose(proba, fewshot.predict_proba(text), rtol=1e-6)
+    assert np.ptp(proba[:, 0]) > 1e-6
+    np.testing.assert_array_equal(pipe.predict(images[test]), fewshot.classes_[proba.argmax(1)])

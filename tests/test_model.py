@@ -12,9 +12,8 @@ from transformers import RobertaConfig
 
 from lqae_sklearn import LQAE, PRESETS, FrozenLanguageModel, LQAEConfig, load_checkpoint, preset_config
 from lqae_sklearn._checkpoint import DEFAULT_CHECKPOINT
-from lqae_sklearn.datasets import load_fashion_mnist
 
-from conftest import TINY_OVERRIDES, tiny_config
+from conftest import TINY_OVERRIDES, fashion_mnist_subset, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +50,45 @@ def test_forward_shapes_and_loss_terms(tiny_model, fmnist_batch):
     assert out.mask.dtype == torch.bool and 0 < out.mask.sum() < out.mask.numel()
     for term in (out.loss, out.reconstruction_loss, out.commitment_loss, out.mlm_loss):
         assert term.shape == () and term.dtype == torch.float32 and torch.isfinite(term)
-    c = tiny_model.config
-    expected = out.reconstruction_loss + c.commitment_weight * out.commitment_loss + c.mlm_weight * out.mlm_loss
-    torch.testing.assert_close(out.loss, expected)
-    assert out.mlm_loss > 0
     torch.testing.assert_close(out.reconstruction_loss, F.mse_loss(out.reconstruction, fmnist_batch))
+
+
+def test_loss_terms_recomputed_from_their_definitions(tiny_model, fmnist_batch, minilm):
+    """Each term from the method's definition, not from the model's code: commitment on the rescaled
+    latents, <mask> rows in the LM's input, the MLM cross-entropy over masked positions only, and the
+    official weights (commitment 0.01, MLM 1e-4)."""
+    lm_inputs = []
+    hook = minilm.register_forward_pre_hook(lambda module, args: lm_inputs.append(args[0].detach()))
+    try:
+        out = tiny_model(fmnist_batch, mask_ratio=0.5, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    codebook, mask = minilm.codebook, out.mask
+    assert 0 < mask.sum() < mask.numel()
+
+    with torch.no_grad():
+        z = tiny_model.encoder(fmnist_batch)
+    q = codebook[out.ids]
+    assert tiny_model.config.normalize_latents  # the small-28 preset's choice
+    z_scaled = F.normalize(z, dim=-1) * q.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(out.commitment_loss, ((z_scaled - q) ** 2).mean())
+
+    # The LM reads the image's words, with the <mask> word's embedding row at the masked positions.
+    (lm_input,) = lm_inputs
+    expected_input = torch.where(mask.unsqueeze(-1), codebook[minilm.mask_token_id], q)
+    assert torch.equal(lm_input[mask], expected_input[mask])
+    # Unmasked: the straight-through sum z + (q - z), which equals q up to float32 rounding.
+    torch.testing.assert_close(lm_input[~mask], expected_input[~mask], rtol=0, atol=1e-6)
+
+    with torch.no_grad():
+        per_token = F.cross_entropy(minilm.mlm_logits(minilm(expected_input)).flatten(0, 1),
+                                    out.ids.flatten(), reduction="none").view(mask.shape)
+    torch.testing.assert_close(out.mlm_loss, per_token[mask].mean())
+    assert abs(per_token[mask].mean() - per_token.mean()) > 1e-3  # so "masked only" is what was measured
+
+    assert (tiny_model.config.commitment_weight, tiny_model.config.mlm_weight) == (0.01, 1e-4)
+    expected = out.reconstruction_loss + 0.01 * out.commitment_loss + 1e-4 * out.mlm_loss
+    torch.testing.assert_close(out.loss, expected)
 
 
 def test_eval_forward_masks_nothing(tiny_model, fmnist_batch):
@@ -118,6 +151,9 @@ def test_presets_build():
     assert (paper.image_size, paper.in_channels, paper.patch_size, paper.num_tokens) == (256, 3, 16, 256)
     assert (paper.encoder_dim, paper.encoder_depth, paper.decoder_dim, paper.decoder_depth) == (768, 12, 768, 12)
     assert paper.block == "lqae" and paper.language_model == "roberta-base"
+    # The official settings the paper preset must keep (shared/reference: mask ratio 0.5, no rescaling).
+    assert paper.mask_ratio == 0.5 and paper.normalize_latents is False
+    assert (paper.commitment_weight, paper.mlm_weight) == (0.01, 1e-4)
     assert preset_config("small-28").num_tokens == 49
     assert preset_config("small-rgb").in_channels == 3
     for name in PRESETS:
@@ -255,7 +291,7 @@ def test_lm_stays_in_eval_mode_without_dropout(short_training, minilm):
 @pytest.mark.skipif(not DEFAULT_CHECKPOINT.exists(), reason="the default checkpoint is not shipped in this tree")
 def test_shipped_checkpoint_reconstructs_fashion_mnist(minilm):
     model = load_checkpoint(DEFAULT_CHECKPOINT, language_model=minilm)
-    images, _ = load_fashion_mnist("test")
+    images, _ = fashion_mnist_subset("test")
     x = torch.from_numpy(images[:16].astype(np.float32) / 255).unsqueeze(1)
     with torch.no_grad():
         recon = model.decode(model.encode(x))

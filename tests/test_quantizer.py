@@ -103,12 +103,22 @@ def test_chunk_size_does_not_change_ids_on_minilm(minilm, fmnist_batch):
     assert torch.equal(small, whole)
 
 
-def test_nearest_accepts_bfloat16_input():
+def test_bfloat16_latents_get_float64_nearest_rows_and_an_exact_straight_through():
     g = torch.Generator().manual_seed(3)
     codebook = torch.randn(300, 32, generator=g)
-    x = torch.randn(20, 32, generator=g).to(torch.bfloat16)
-    quantizer = LanguageQuantizer(codebook)
-    assert torch.equal(quantizer.nearest(x), quantizer.nearest(x.float()))
+    # bf16 encoder outputs far longer than the word rows, as under autocast in training.
+    x = (torch.randn(4, 20, 32, generator=g) * 300).to(torch.bfloat16)
+    quantizer = LanguageQuantizer(codebook, excluded_ids=[0, 1])
+    # Reference: cosine in float64 over the allowed rows, by brute force.
+    cosine = F.normalize(x.double(), dim=-1) @ F.normalize(codebook.double(), dim=-1).T
+    cosine[..., :2] = -2
+    expected = cosine.argmax(dim=-1)
+    assert torch.equal(quantizer.nearest(x), expected)
+    out, ids, _ = quantizer(x, codebook)
+    assert torch.equal(ids, expected)
+    # x + (q - x) computed in bf16 would miss q by up to ~|x| * 2**-8 (about 1 here); in float32 it is q.
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, codebook[expected], rtol=0, atol=1e-4)
 
 
 def test_straight_through_forward_is_codebook_rows_and_gradient_is_identity():

@@ -25,7 +25,8 @@ from lqae_sklearn import LQAE, LQAETokenizer, preset_config, save_checkpoint
 from lqae_sklearn._checkpoint import DEFAULT_CHECKPOINT, CheckpointError
 from lqae_sklearn._images import ImageLoadError
 from lqae_sklearn._tokenizer import DeviceWarning, _MODELS
-from lqae_sklearn.datasets import load_fashion_mnist
+
+from conftest import fashion_mnist_subset
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +36,7 @@ def checkpoint():
 
 @pytest.fixture(scope="module")
 def images():
-    X, y = load_fashion_mnist("test")
+    X, y = fashion_mnist_subset("test")
     # One of each class: varied content, small enough for 2 CPU cores.
     return X[[np.flatnonzero(y == c)[0] for c in range(10)]]
 
@@ -45,8 +46,13 @@ def fitted(checkpoint):
     return LQAETokenizer(checkpoint, batch_size=8).fit()
 
 
-def model_input(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images[:, None].astype(np.float32) / 255.0)
+def model_input(images: np.ndarray, tok: LQAETokenizer) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float (N, 1, 28, 28) in [0, 1], on the device of ``tok``'s model (CUDA with "auto")."""
+    return torch.from_numpy(images[:, None].astype(np.float32) / 255.0).to(tok.device_)
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.cpu().numpy()
 
 
 # -- outputs -----------------------------------------------------------------------------
@@ -54,7 +60,7 @@ def test_ids_are_the_models_nearest_tokens(fitted, images):
     ids = fitted.transform(images)
     assert ids.shape == (len(images), 49) and ids.dtype == np.int64
     with torch.inference_mode():
-        expected = fitted.model_.encode(model_input(images)).numpy()
+        expected = to_numpy(fitted.model_.encode(model_input(images, fitted)))
     np.testing.assert_array_equal(ids, expected)
     allowed = set(fitted.model_.quantizer.allowed_ids.tolist())
     assert set(np.unique(ids).tolist()) <= allowed
@@ -83,7 +89,7 @@ def test_text_is_wordpiece_pieces_joined_by_spaces(fitted, images):
 
 
 def test_every_codebook_token_round_trips_through_text(fitted):
-    allowed = fitted.model_.quantizer.allowed_ids.numpy()
+    allowed = to_numpy(fitted.model_.quantizer.allowed_ids)
     pieces = fitted.model_.language_model.tokenizer.convert_ids_to_tokens(allowed.tolist())
     assert not [p for p in pieces if p == "" or re.search(r"\s", p)], "a codebook piece holds whitespace"
     padded = np.resize(allowed, -(-allowed.size // 49) * 49).reshape(-1, 49)  # every id at least once
@@ -121,7 +127,7 @@ def test_embeddings_match_model_features_for_each_layer_choice(checkpoint, image
     names = tok.model_.feature_layer_names()
     assert tok.layers_ == names
     with torch.inference_mode():
-        everything = tok.model_.features(model_input(images), names).numpy()
+        everything = to_numpy(tok.model_.features(model_input(images, tok), names))
     widths = [tok.model_.config.encoder_dim if n.startswith("encoder.") else tok.model_.language_model.hidden_size for n in names]
     per_layer = dict(zip(names, np.split(everything, np.cumsum(widths)[:-1], axis=1)))
     np.testing.assert_allclose(tok.transform(images), np.hstack([per_layer[n] for n in names]), rtol=1e-5, atol=1e-5)
@@ -173,18 +179,18 @@ def test_inverse_transform_reconstructs_images(fitted, images):
     assert reconstructed.shape == (4, 28, 28) and reconstructed.dtype == np.float32
     assert reconstructed.min() >= 0.0 and reconstructed.max() <= 1.0
     with torch.inference_mode():
-        expected = fitted.model_.decode(torch.from_numpy(ids))[:, 0].numpy()
+        expected = to_numpy(fitted.model_.decode(torch.from_numpy(ids).to(fitted.device_))[:, 0])
     np.testing.assert_allclose(reconstructed, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(fitted.inverse_transform(fitted.ids_to_text(ids)), reconstructed)
 
 
 def test_coarse_token_grid_pools_the_encoder_output(checkpoint, images):
-    x = model_input(images)
     full = LQAETokenizer(checkpoint).fit()
+    x = model_input(images, full)
     with torch.inference_mode():
         z = full.model_.encoder(x)  # (N, 49, 384)
         # 1 x 1: the nearest word to the image's mean latent; 7 x 7: the patch tokens themselves.
-        mean_token = full.model_.quantizer.nearest(z.mean(dim=1, keepdim=True)).numpy()
+        mean_token = to_numpy(full.model_.quantizer.nearest(z.mean(dim=1, keepdim=True)))
     np.testing.assert_array_equal(LQAETokenizer(checkpoint, token_grid=1).fit().transform(images), mean_token)
     np.testing.assert_array_equal(LQAETokenizer(checkpoint, token_grid=7).fit().transform(images), full.transform(images))
 
@@ -196,12 +202,12 @@ def test_coarse_token_grid_pools_the_encoder_output(checkpoint, images):
     with torch.inference_mode():
         # Region (0, 0) of a 3 x 3 grid over 7 x 7 patches covers patches rows/columns 0-2.
         corner = full.model_.quantizer.nearest(z.view(-1, 7, 7, 384)[:, :3, :3].mean(dim=(1, 2))[:, None])
-    np.testing.assert_array_equal(ids[:, 0], corner[:, 0].numpy())
+    np.testing.assert_array_equal(ids[:, 0], to_numpy(corner[:, 0]))
     # Decoding spreads each coarse token over its patches.
     reconstructed = coarse.inverse_transform(texts)
     with torch.inference_mode():
         spread = torch.from_numpy(ids).view(-1, 3, 3)[:, [0, 0, 0, 1, 1, 2, 2]][:, :, [0, 0, 0, 1, 1, 2, 2]]
-        expected = full.model_.decode(spread.reshape(-1, 49))[:, 0].numpy()
+        expected = to_numpy(full.model_.decode(spread.reshape(-1, 49).to(full.device_))[:, 0])
     np.testing.assert_allclose(reconstructed, expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"must have shape \(n_images, 9\)"):
         coarse.inverse_transform(full.transform(images))
