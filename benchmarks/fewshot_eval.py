@@ -6,7 +6,7 @@ Every (way, shot) cell runs the same episodes (fixed by --seed) through:
   direct scoring (``--scoring``: the label's log-likelihood after the query); the same
   call also scores an empty input, which ``calibrated`` (contextual calibration) and
   ``other_scoring`` (mean instead of sum over label tokens, or the reverse) read at no extra cost;
-* ``channel``: the same classifier with ``scoring="channel"`` (label-first demonstrations,
+* ``channel``: the same classifier with ``label_scoring="channel"`` (label-first demonstrations,
   the query's log-likelihood after each label);
 * ``shuffled`` / ``channel_shuffled``: ``llm`` / ``channel`` with the episode's tokens dealt
   out at random between its images (``shuffle_tokens(mode="across")``): the text no longer
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from lqae_sklearn import LLMFewShotClassifier, LQAETokenizer
-from lqae_sklearn._episodes import (
+from lqae_sklearn.evaluation import (
     LLMEpisodeRunner, evaluate_grid, format_table, prototype_predict, token_overlap_predict,
 )
 from lqae_sklearn.datasets import fetch_fashion_mnist
@@ -135,14 +135,14 @@ def main(argv=None):
     print(f"token ids of {len(pool)} images ready in {encode_seconds:.1f} s", file=sys.stderr, flush=True)
     pixels = images.reshape(len(images), -1).astype(np.float32) / 255.0
 
-    options = {"scoring": args.scoring, "instruction": args.instruction,
+    options = {"label_scoring": args.scoring, "instruction": args.instruction,
                "max_tokens_per_item": args.max_tokens_per_item}
     if args.prompt is not None:
         options["prompt"] = args.prompt.encode().decode("unicode_escape")
     backend = HuggingFaceBackend(device="cpu")
     recorder = _RecordingBackend(backend)
     classifier = LLMFewShotClassifier(recorder, **options)
-    channel_options = dict(options, scoring="channel")
+    channel_options = dict(options, label_scoring="channel")
     channel_options.pop("prompt", None)
     if args.channel_prompt is not None:
         channel_options["prompt"] = args.channel_prompt.encode().decode("unicode_escape")

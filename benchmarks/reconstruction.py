@@ -15,7 +15,7 @@ import json
 import torch
 
 from lqae_sklearn import load_checkpoint
-from lqae_sklearn._checkpoint import DEFAULT_CHECKPOINT
+from lqae_sklearn.model import DEFAULT_CHECKPOINT
 from lqae_sklearn.datasets import fetch_fashion_mnist
 from lqae_sklearn.training._report import code_statistics, psnr, save_grid
 

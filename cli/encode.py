@@ -6,12 +6,14 @@ import json
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import numpy as np
 
-from lqae_sklearn._checkpoint import DEFAULT_CHECKPOINT, CheckpointError, atomic_write_bytes, read_checkpoint_config
+from lqae_sklearn._atomic import atomic_write_bytes
+from lqae_sklearn.model import DEFAULT_CHECKPOINT, CheckpointError, read_checkpoint_config
 
 from ._decode import DecodePipeline
 from ._discovery import discover, in_shard, label_of, path_fields, read_stdin_paths, record_key
@@ -137,12 +139,12 @@ def cli(images, out, checkpoint, outputs, layers, token_grid, labels_from_dirs, 
     '-' to read paths from stdin, one per line. OUT.jsonl is the output file,
     or '-' for stdout (no resume). Rerun the same command to resume.
     """
-    run = EncodeRun(
+    run = EncodeRun(EncodeOptions(
         images=images, out=out, checkpoint=checkpoint, outputs=outputs, layers=layers, token_grid=token_grid,
         labels_from_dirs=labels_from_dirs, batch_size=batch_size, device=device, workers=workers,
         shard=shard, overwrite=overwrite, extensions=extensions, null_separated=null_separated,
         errors_file=errors_file, progress=progress,
-    )
+    ))
     try:
         code = run.main()
     except KeyboardInterrupt:  # Ctrl-C while reading inputs or the checkpoint: nothing was written
@@ -151,11 +153,33 @@ def cli(images, out, checkpoint, outputs, layers, token_grid, labels_from_dirs, 
     sys.exit(code)
 
 
+@dataclass(frozen=True)
+class EncodeOptions:
+    """What one ``lqae-encode`` command line asks for (see the command's help for each)."""
+
+    images: tuple
+    out: str
+    checkpoint: str | None = None
+    outputs: tuple = ("ids", "text")
+    layers: str | None = None
+    token_grid: int | None = None
+    labels_from_dirs: bool = False
+    batch_size: int = 64
+    device: str = "auto"
+    workers: int = 0
+    shard: tuple = (0, 1)
+    overwrite: bool = False
+    extensions: tuple = ()
+    null_separated: bool = False
+    errors_file: str | None = None
+    progress: bool | None = None
+
+
 class EncodeRun:
     """One invocation of ``lqae-encode``: validation, resume state, the encode loop, the summary."""
 
-    def __init__(self, **options):
-        self.__dict__.update(options)
+    def __init__(self, options: EncodeOptions):
+        self.opts = options
         self.stop_signal = None
 
     # -- setup ---------------------------------------------------------------------------------
@@ -163,12 +187,13 @@ class EncodeRun:
         self._validate()
         self._open_state()
         found = discover(
-            [p for p in self.images if p != "-"],
-            stdin_paths=read_stdin_paths(sys.stdin.buffer, self.null_separated) if "-" in self.images else None,
-            extensions={e.lower().lstrip(".") for e in self.extensions} or None,
+            [p for p in self.opts.images if p != "-"],
+            stdin_paths=(read_stdin_paths(sys.stdin.buffer, self.opts.null_separated)
+                         if "-" in self.opts.images else None),
+            extensions={e.lower().lstrip(".") for e in self.opts.extensions} or None,
             exclude=self._own_files(),
         )
-        index, count = self.shard
+        index, count = self.opts.shard
         items = [item for item in found.items if in_shard(item, index, count)]
         discovery_errors = [(item, reason) for item, reason in found.errors if in_shard(item, index, count)]
         # Only needed to keep old error records of files not retried before an interruption.
@@ -186,12 +211,12 @@ class EncodeRun:
         return self._summary()
 
     def _validate(self) -> None:
-        if self.images.count("-") > 1:
+        if self.opts.images.count("-") > 1:
             raise click.UsageError("'-' (paths from stdin) can be given only once")
-        for path in self.images:
+        for path in self.opts.images:
             if path != "-" and not os.path.lexists(path):
                 raise click.BadParameter(f"{path!r} does not exist", param_hint="IMAGES")
-        self.checkpoint = os.fspath(self.checkpoint or DEFAULT_CHECKPOINT)
+        self.checkpoint = os.fspath(self.opts.checkpoint or DEFAULT_CHECKPOINT)
         if not os.path.exists(self.checkpoint):
             hint = "" if self.checkpoint != os.fspath(DEFAULT_CHECKPOINT) else (
                 " (the packaged checkpoint is not installed; pass --checkpoint PATH)")
@@ -203,47 +228,47 @@ class EncodeRun:
         self.preprocessing = config["preprocessing"]
         self.settings = {
             "checkpoint_weights_sha256": config.get("weights_sha256"),
-            "outputs": list(self.outputs),
-            "layers": self.layers,
-            "token_grid": self.token_grid,
-            "labels_from_dirs": self.labels_from_dirs,
-            "shard": f"{self.shard[0]}/{self.shard[1]}",
+            "outputs": list(self.opts.outputs),
+            "layers": self.opts.layers,
+            "token_grid": self.opts.token_grid,
+            "labels_from_dirs": self.opts.labels_from_dirs,
+            "shard": f"{self.opts.shard[0]}/{self.opts.shard[1]}",
         }
-        if self.layers and "embeddings" not in self.outputs:
+        if self.opts.layers and "embeddings" not in self.opts.outputs:
             raise click.BadParameter("--layers only matters with --output ...,embeddings", param_hint="--layers")
 
     def _open_state(self) -> None:
         """Prepare OUT (resume or start afresh), its error file and its settings file."""
-        self.to_stdout = self.out == "-"
+        self.to_stdout = self.opts.out == "-"
         self.done: set[bytes] = set()
         self.old_errors: dict[bytes, dict] = {}
         self.new_errors: dict[bytes, dict] = {}
         if self.to_stdout:
-            self.errors_path = self.errors_file
+            self.errors_path = self.opts.errors_file
             self.meta_path = None
             if self.errors_path and os.path.exists(self.errors_path):
                 os.unlink(self.errors_path)  # stdout runs cannot resume, so neither do their errors
             return
-        self.errors_path = self.errors_file or sidecar_path(self.out, ".errors.jsonl")
-        self.meta_path = sidecar_path(self.out, ".meta.json")
-        if os.path.isdir(self.out):
-            raise click.BadParameter(f"{self.out!r} is a folder", param_hint="OUT.jsonl")
-        Path(self.out).parent.mkdir(parents=True, exist_ok=True)
-        resuming = not self.overwrite and os.path.exists(self.out) and os.path.getsize(self.out) > 0
+        self.errors_path = self.opts.errors_file or sidecar_path(self.opts.out, ".errors.jsonl")
+        self.meta_path = sidecar_path(self.opts.out, ".meta.json")
+        if os.path.isdir(self.opts.out):
+            raise click.BadParameter(f"{self.opts.out!r} is a folder", param_hint="OUT.jsonl")
+        Path(self.opts.out).parent.mkdir(parents=True, exist_ok=True)
+        resuming = not self.opts.overwrite and os.path.exists(self.opts.out) and os.path.getsize(self.opts.out) > 0
         if resuming:
             self._check_settings()
-            repair_torn_tail(self.out)
-            self.done = self._read_keys(self.out)
+            repair_torn_tail(self.opts.out)
+            self.done = self._read_keys(self.opts.out)
             if os.path.exists(self.errors_path):
                 repair_torn_tail(self.errors_path)
                 for _, record in self._iter(self.errors_path):
                     self.old_errors[record_key(record)] = record
         else:
-            for path in (self.out, self.errors_path):
+            for path in (self.opts.out, self.errors_path):
                 if os.path.exists(path):
                     os.unlink(path)
         atomic_write_bytes(self.meta_path, (json.dumps(self.settings, indent=2) + "\n").encode())
-        open(self.out, "ab").close()
+        open(self.opts.out, "ab").close()
 
     def _check_settings(self) -> None:
         if not os.path.exists(self.meta_path):
@@ -256,7 +281,7 @@ class EncodeRun:
         if changed:
             details = ", ".join(f"{k}: {previous.get(k)!r} then, {self.settings[k]!r} now" for k in changed)
             raise click.UsageError(
-                f"{self.out} was started with other settings ({details}); rerun with the same options "
+                f"{self.opts.out} was started with other settings ({details}); rerun with the same options "
                 f"to resume, or add --overwrite to start afresh"
             )
 
@@ -277,7 +302,7 @@ class EncodeRun:
 
     def _own_files(self):
         ids = set()
-        for path in (None if self.to_stdout else self.out, self.errors_path, self.meta_path):
+        for path in (None if self.to_stdout else self.opts.out, self.errors_path, self.meta_path):
             if path and os.path.exists(path):
                 st = os.stat(path)
                 ids.add((st.st_dev, st.st_ino))
@@ -285,11 +310,12 @@ class EncodeRun:
 
     # -- the encode loop -----------------------------------------------------------------------
     def _encode(self, pending) -> None:
-        batches = (pending[i : i + self.batch_size] for i in range(0, len(pending), self.batch_size))
-        pipeline = DecodePipeline(batches, self.preprocessing, self.workers).start()  # decode while the model loads
+        batches = (pending[i : i + self.opts.batch_size] for i in range(0, len(pending), self.opts.batch_size))
+        # Decode while the model loads.
+        pipeline = DecodePipeline(batches, self.preprocessing, self.opts.workers).start()
         try:
-            writer = JsonlAppender(stream=sys.stdout.buffer) if self.to_stdout else JsonlAppender(path=self.out)
-            show = sys.stderr.isatty() if self.progress is None else self.progress
+            writer = JsonlAppender(stream=sys.stdout.buffer) if self.to_stdout else JsonlAppender(path=self.opts.out)
+            show = sys.stderr.isatty() if self.opts.progress is None else self.opts.progress
             from tqdm import tqdm
 
             bar = tqdm(total=len(pending), unit="img", disable=not show, file=sys.stderr, smoothing=0.1)
@@ -325,10 +351,11 @@ class EncodeRun:
     def _load_tokenizer(self):
         from lqae_sklearn._tokenizer import LQAETokenizer
 
-        params = {"checkpoint": self.checkpoint, "batch_size": self.batch_size, "device": self.device,
-                  "token_grid": self.token_grid}
-        if self.layers:
-            params["layers"] = [name.strip() for name in self.layers.split(",") if name.strip()]
+        params = {"checkpoint": self.checkpoint, "batch_size": self.opts.batch_size, "device": self.opts.device,
+                  "token_grid": self.opts.token_grid}
+        if self.opts.layers:
+            names = [name.strip() for name in self.opts.layers.split(",") if name.strip()]
+            params["layers"] = names[0] if len(names) == 1 else names  # one name may be a shortcut ("all")
         try:
             return LQAETokenizer(**params).fit()
         except (CheckpointError, ValueError) as exc:
@@ -338,12 +365,12 @@ class EncodeRun:
         good = [(item, array) for item, (array, _) in zip(batch, results) if array is not None]
         records = []
         if good:
-            encoded = self._tokenizer().encode(np.stack([array for _, array in good]), outputs=self.outputs)
+            encoded = self._tokenizer().encode(np.stack([array for _, array in good]), outputs=self.opts.outputs)
             for row, (item, _) in enumerate(good):
                 record = path_fields(item.path)
-                if self.labels_from_dirs:
+                if self.opts.labels_from_dirs:
                     record["label"] = label_of(item.path)
-                for name in self.outputs:
+                for name in self.opts.outputs:
                     value = encoded[name][row]
                     record[name] = value if isinstance(value, str) else value.tolist()
                 records.append(record)
@@ -390,7 +417,7 @@ class EncodeRun:
         failed_total = getattr(self, "final_errors", c["failed"])
         parts = [f"{c['encoded']} encoded"]
         if c["already"]:
-            parts.append(f"{c['already']} already in {self.out}")
+            parts.append(f"{c['already']} already in {self.opts.out}")
         parts.append(f"{failed_total} failed")
         where = f" (see {self.errors_path})" if failed_total and self.errors_path else ""
         if self.stop_signal is not None:

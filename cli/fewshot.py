@@ -179,13 +179,14 @@ def cli(source, ways, shots, queries, episodes, seed, methods, checkpoint, llm, 
 def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, llm, scoring, token_grid,
         instruction, calibrate, max_tokens_per_item, device, json_path, progress) -> int:
     """Load SOURCE, encode it once, run the grid and print the table; returns the exit status."""
-    from lqae_sklearn._checkpoint import CheckpointError, read_checkpoint_config
-    from lqae_sklearn._episodes import (
+    from lqae_sklearn.model import CheckpointError, read_checkpoint_config
+    from lqae_sklearn.evaluation import (
         LLMEpisodeRunner, evaluate_grid, format_table, prototype_predict, sample_episodes,
     )
     from lqae_sklearn._images import ImageLoadError, load_image, to_model_input
     from lqae_sklearn._fewshot import LLMFewShotClassifier
-    from lqae_sklearn._tokenizer import LQAETokenizer, resolve_checkpoint
+    from lqae_sklearn._loading import resolve_checkpoint
+    from lqae_sklearn._tokenizer import LQAETokenizer
     from lqae_sklearn.llm import LLMBackendError, make_backend
 
     if calibrate and scoring == "channel":
@@ -240,7 +241,7 @@ def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, 
             backend = make_backend(llm, **({} if is_server or device is None else {"device": device})).load()
         except (ImportError, OSError, ValueError, TypeError, LLMBackendError) as exc:
             raise UsageProblem(f"LLM {llm or 'embedded Gemma 3 270M'!r} cannot be loaded: {exc}") from exc
-        classifier = LLMFewShotClassifier(backend, scoring=scoring, instruction=instruction,
+        classifier = LLMFewShotClassifier(backend, label_scoring=scoring, instruction=instruction,
                                           max_tokens_per_item=max_tokens_per_item)
         for name, shuffle in (("llm", None), ("shuffled", "across")):
             if name in methods:

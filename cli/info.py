@@ -7,8 +7,8 @@ import os
 
 import click
 
-from lqae_sklearn._checkpoint import DEFAULT_CHECKPOINT, CheckpointError, read_checkpoint_config
-from lqae_sklearn._config import PRESETS, LQAEConfig
+from lqae_sklearn.model import DEFAULT_CHECKPOINT, CheckpointError, read_checkpoint_config
+from lqae_sklearn.model import PRESETS, LQAEConfig
 
 _ARCHITECTURE_FIELDS = (
     "image_size", "in_channels", "patch_size", "encoder_dim", "encoder_depth", "encoder_heads",

@@ -1,16 +1,28 @@
 """lqae-sklearn: images as language-model tokens, for scikit-learn.
 
-Public API: :class:`LQAETokenizer`, :class:`LLMFewShotClassifier`, and the model
-pieces :class:`LQAE`, :class:`LQAEConfig`, :func:`load_checkpoint`,
-:func:`save_checkpoint`.
+The estimators: :class:`LQAETokenizer` (images -> token ids, token text or LM
+features) and :class:`LLMFewShotClassifier` (few-shot classification by an LLM
+reading token text). The model itself lives in :mod:`lqae_sklearn.model`, the
+LLM backends in :mod:`lqae_sklearn.llm`, the few-shot protocol in
+:mod:`lqae_sklearn.evaluation`, data sets in :mod:`lqae_sklearn.datasets`.
 """
 
-from ._checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ._config import DEFAULT_LANGUAGE_MODEL, PRESETS, LQAEConfig, preset_config
 from ._fewshot import LLMFewShotClassifier
-from ._language_model import FrozenLanguageModel
-from ._model import LQAE, LQAEOutput
+from ._images import ImageLoadError
+from ._loading import DeviceWarning, clear_model_cache
 from ._tokenizer import LQAETokenizer
+from .model import (
+    DEFAULT_LANGUAGE_MODEL,
+    LQAE,
+    PRESETS,
+    CheckpointError,
+    FrozenLanguageModel,
+    LQAEConfig,
+    LQAEOutput,
+    load_checkpoint,
+    preset_config,
+    save_checkpoint,
+)
 
 __version__ = "0.1.0"
 
@@ -20,10 +32,13 @@ __all__ = [
     "DEFAULT_LANGUAGE_MODEL",
     "PRESETS",
     "CheckpointError",
+    "DeviceWarning",
     "FrozenLanguageModel",
+    "ImageLoadError",
     "LQAE",
     "LQAEConfig",
     "LQAEOutput",
+    "clear_model_cache",
     "load_checkpoint",
     "preset_config",
     "save_checkpoint",

@@ -1,4 +1,8 @@
-"""Turning user images (files, PIL images, arrays) into model input.
+"""Turning user images (files, PIL images, arrays, batches of them) into model input.
+
+:func:`image_source` wraps whatever a user passes as ``X`` (an array of images,
+flat rows, a list of paths / PIL images / arrays, a pandas column) as a sized
+source of preprocessed batches; :func:`to_model_input` converts one image.
 
 Every failure names the offending item, so one bad file can be reported and
 skipped without losing the good ones. Unusual but readable images are
@@ -24,6 +28,7 @@ import os
 import warnings
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 #: Colour that transparent pixels are composited on (black, like Fashion-MNIST's background).
@@ -109,13 +114,13 @@ def normalize_mode(image: Image.Image) -> Image.Image:
         return image.convert("L")
     if mode in _SIXTEEN_BIT_MODES:
         array = np.asarray(image).astype(np.float64)
-        return Image.fromarray(_to_uint8(np.clip(array, 0, 65535) / 257.0))
+        return Image.fromarray(np.rint(np.clip(array, 0, 65535) / 257.0).astype(np.uint8))
     if mode == "F":
         array = np.asarray(image, dtype=np.float64)
         if not np.isfinite(array).all():
             array = np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
         scale = 255.0 if array.size and array.max() <= 1.0 else 1.0
-        return Image.fromarray(_to_uint8(np.clip(array * scale, 0, 255)))
+        return Image.fromarray(np.rint(np.clip(array * scale, 0, 255)).astype(np.uint8))
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
         mode = "RGBA"
@@ -137,10 +142,6 @@ def _composite(image: Image.Image) -> Image.Image:
     alpha = image.getchannel("A")
     background.paste(image.convert(base_mode), mask=alpha)
     return background
-
-
-def _to_uint8(array: np.ndarray) -> np.ndarray:
-    return np.rint(array).astype(np.uint8)
 
 
 def prepare_image(image: Image.Image, preprocessing: dict) -> Image.Image:
@@ -174,9 +175,171 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
     if array.dtype != np.uint8:
         if not np.issubdtype(array.dtype, np.floating) and not np.issubdtype(array.dtype, np.integer):
             raise ValueError(f"unsupported image dtype {array.dtype}")
-        if np.issubdtype(array.dtype, np.floating):
-            if not np.isfinite(array).all():
-                raise ValueError("image array contains NaN or infinity")
-            array = np.clip(array, 0.0, 1.0) * 255.0  # floats are taken to be in [0, 1]
-        array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise ValueError("image array contains NaN or infinity")
+        array = to_uint8(array)
     return Image.fromarray(array)
+
+
+# -- batches of images ------------------------------------------------------------------
+def flat_width(preprocessing: dict) -> int:
+    """Pixels in one image of this preprocessing, flattened row-major: H x W x C."""
+    channels = 1 if preprocessing["color_mode"] == "L" else 3
+    return preprocessing["image_size"] ** 2 * channels
+
+
+def is_flat_rows(X) -> bool:
+    """Whether ``X`` is a 2-D table of pixel values (an array or a DataFrame of several columns)."""
+    if hasattr(X, "columns"):
+        return X.shape[1] > 1
+    return isinstance(X, (np.ndarray, torch.Tensor)) and X.ndim == 2 and X.dtype != object
+
+
+def image_source(X, preprocessing: dict):
+    """Wrap user input as a sized source of preprocessed batches (float32 (B, C, S, S)).
+
+    ``X`` is an array of images (N, H, W[, C]); flat rows (N, H x W x C) of the
+    checkpoint's size, row-major as ``fetch_openml`` and ``load_digits().data``
+    give them (also as a DataFrame of pixel columns); or a list, tuple, object
+    array or one-column DataFrame / Series of paths, PIL images or arrays.
+    """
+    if isinstance(X, (str, bytes, os.PathLike)):
+        raise TypeError(f"X must be a collection of images; got a single path {X!r} (wrap it in a list)")
+    if isinstance(X, Image.Image):
+        raise TypeError("X must be a collection of images; got a single PIL image (wrap it in a list)")
+    if hasattr(X, "columns") and hasattr(X, "iloc"):  # pandas DataFrame: pixel columns, or one column of items
+        X = X.to_numpy() if X.shape[1] > 1 else X.iloc[:, 0]
+    if hasattr(X, "iloc"):  # pandas Series
+        X = X.to_list()
+    if isinstance(X, torch.Tensor):
+        X = X.detach().cpu().numpy()
+    if isinstance(X, np.ndarray) and X.dtype != object:
+        source = _ArraySource(X, preprocessing)
+    elif isinstance(X, (list, tuple, np.ndarray)):
+        source = _ItemSource(list(X), preprocessing)
+    else:
+        raise TypeError(
+            f"X must be an array (N, H, W) or (N, H, W, C), a list of paths / PIL images / arrays, or a "
+            f"pandas Series of them; got {type(X).__name__}"
+        )
+    if len(source) == 0:
+        raise ValueError("X holds no images")
+    return source
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """uint8 pixels from uint8, integer (0..255) or float ([0, 1]) ones; out-of-range values are clipped."""
+    if array.dtype == np.uint8:
+        return array
+    if np.issubdtype(array.dtype, np.floating):
+        array = np.clip(array, 0.0, 1.0) * 255.0
+    return np.clip(np.rint(array), 0, 255).astype(np.uint8)
+
+
+def _check_pixel_range(array: np.ndarray, name: str) -> None:
+    """Reject NaN and out-of-range pixels rather than clipping them silently."""
+    if array.dtype == np.uint8 or array.dtype == bool:
+        return
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ImageLoadError(name, "image array contains NaN or infinity")
+        low, high, hint = 0.0, 1.0, "float images must lie in [0, 1] (divide 0-255 data by 255)"
+    elif np.issubdtype(array.dtype, np.integer):
+        low, high, hint = 0, 255, "integer images must lie in [0, 255]"
+    else:
+        raise ImageLoadError(name, f"unsupported image dtype {array.dtype}")
+    if array.size and (array.min() < low or array.max() > high):
+        raise ImageLoadError(name, f"pixel values span [{array.min()}, {array.max()}]; {hint}")
+
+
+class _ArraySource:
+    """A batch array (N, H, W), (N, H, W, C) or flat rows; vectorised when no resize or colour change is needed."""
+
+    def __init__(self, array: np.ndarray, preprocessing: dict):
+        if array.ndim == 2:
+            size, width = preprocessing["image_size"], flat_width(preprocessing)
+            if array.shape[1] != width:
+                raise ValueError(
+                    f"X has shape {array.shape}: flat rows must hold {size} x {size} x {width // size ** 2} = "
+                    f"{width} pixels each for this checkpoint (or pass images (N, H, W[, C]) of any size)"
+                )
+            array = array.reshape(len(array), size, size, -1)
+        if array.ndim not in (3, 4) or (array.ndim == 4 and array.shape[-1] not in (1, 3, 4)):
+            raise ValueError(
+                f"X has shape {array.shape}: expected (N, H, W) or (N, H, W, C) with C in 1, 3, 4 "
+                f"(channels-first arrays need X.transpose(0, 2, 3, 1))"
+            )
+        if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+            raise ValueError(f"X has dtype {array.dtype}; expected uint8 or float images")
+        if array.dtype == bool:
+            array = array.astype(np.uint8) * 255
+        self.array = array
+        self.preprocessing = preprocessing
+        if array.dtype != np.uint8:
+            self._check_range()
+        size, mode = preprocessing["image_size"], preprocessing["color_mode"]
+        channels = 1 if array.ndim == 3 else array.shape[-1]
+        self.direct = array.shape[1:3] == (size, size) and (channels == 1 if mode == "L" else channels == 3)
+
+    def _check_range(self) -> None:
+        try:
+            _check_pixel_range(self.array, "X")
+        except ImageLoadError:
+            for i in range(len(self.array)):  # name the first offending image
+                _check_pixel_range(self.array[i], f"X[{i}]")
+            raise
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def batch(self, start: int, stop: int) -> np.ndarray:
+        part = self.array[start:stop]
+        if self.direct:
+            pixels = to_uint8(part).astype(np.float32) / 255.0
+            return np.ascontiguousarray(pixels[:, None] if pixels.ndim == 3 else pixels.transpose(0, 3, 1, 2))
+        out = []
+        for i, image in enumerate(part, start):
+            try:
+                out.append(to_model_input(image, self.preprocessing))
+            except ValueError as exc:
+                raise ImageLoadError(f"X[{i}]", str(exc)) from exc
+        return np.stack(out)
+
+
+class _ItemSource:
+    """A list of paths, PIL images or arrays, each preprocessed on its own."""
+
+    def __init__(self, items: list, preprocessing: dict):
+        self.items = items
+        self.preprocessing = preprocessing
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def batch(self, start: int, stop: int) -> np.ndarray:
+        return np.stack([self._one(i) for i in range(start, min(stop, len(self.items)))])
+
+    def _one(self, i: int) -> np.ndarray:
+        item = self.items[i]
+        if isinstance(item, (str, os.PathLike)):
+            name = f"X[{i}] ({os.fspath(item)!r})"
+            try:
+                item = load_image(item)
+            except ImageLoadError as exc:
+                raise ImageLoadError(name, exc.reason) from exc
+        elif isinstance(item, Image.Image):
+            name = f"X[{i}]"
+        elif isinstance(item, (np.ndarray, torch.Tensor)):
+            name = f"X[{i}]"
+            item = np.asarray(item.detach().cpu() if isinstance(item, torch.Tensor) else item)
+            _check_pixel_range(item, name)
+            item = to_uint8(item) if item.dtype != bool else item.astype(np.uint8) * 255
+        else:
+            raise ImageLoadError(
+                f"X[{i}]", f"unsupported item of type {type(item).__name__} ({item!r:.60}); expected a path, a PIL "
+                f"image or an array"
+            )
+        try:
+            return to_model_input(item, self.preprocessing)
+        except (ValueError, OSError) as exc:
+            raise ImageLoadError(name, str(exc)) from exc

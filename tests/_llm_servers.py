@@ -1,12 +1,14 @@
 """Real HTTP servers on 127.0.0.1 for the OpenAI-compatible backend tests.
 
 * :class:`ModelServer` serves ``/v1/completions`` with ``echo`` and ``logprobs`` the
-  way vLLM does, scoring each prompt with a local Hugging Face model in one plain
-  forward pass over the whole prompt (its own code, independent of the backend).
+  way the OpenAI API defines it, scoring each prompt with a local Hugging Face model
+  in one plain forward pass over the whole prompt (its own code, independent of the
+  backend), then one "generated" token after it, which a client must ignore.
 * :class:`FaultServer` follows a script of failures (429 with Retry-After, 5xx, a
-  hang, a dropped connection, malformed JSON, a 400, a reply without log-probs) and
-  otherwise answers with synthetic log-probs: each character of the prompt is one
-  token whose log-prob is ``-(ord(char) % 7 + 1) / 10``.
+  hang, a dropped connection, malformed JSON, a 400, a reply without log-probs, a
+  reply with the generated token's log-prob only, as llama.cpp's llama-server gives)
+  and otherwise answers with synthetic log-probs: each character of the prompt is
+  one token whose log-prob is ``-(ord(char) % 7 + 1) / 10``.
 
 Both count the requests they receive, so tests can assert what was retried.
 """
@@ -124,8 +126,8 @@ class ModelServer(_Server):
             return self.send(handler, 404, {"error": {"message": f"no route {method} {path}"}})
         if not isinstance(body, dict) or body.get("model") != self.name:
             return self.send(handler, 404, {"error": {"message": f"model {body.get('model')!r} is not served"}})
-        if not body.get("echo") or body.get("logprobs") is None or body.get("max_tokens") != 0:
-            return self.send(handler, 400, {"error": {"message": "this server only scores prompts (echo, logprobs, max_tokens=0)"}})
+        if not body.get("echo") or body.get("logprobs") is None or body.get("max_tokens", 16) < 1:
+            return self.send(handler, 400, {"error": {"message": "echo and logprobs are needed, and max_tokens >= 1"}})
         prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
         with self._model_lock:
             scored = [self._score(prompt) for prompt in prompts]
@@ -139,10 +141,10 @@ class ModelServer(_Server):
         logp = torch.log_softmax(logits[:-1], dim=-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
         # logp[t] scores ids[t + 1]; with a BOS token that is the prompt's token t.
         values = logp if self.bos_token_id is not None else [None] + logp
-        return {
-            "tokens": [prompt[s:e] for s, e in encoding.offsets],
-            "token_logprobs": [None] + values[1:],  # OpenAI style: the first prompt token gets null
-            "text_offset": [s for s, _ in encoding.offsets],
+        return {  # the echoed prompt, then one generated token (" zz", at the prompt's end)
+            "tokens": [prompt[s:e] for s, e in encoding.offsets] + [" zz"],
+            "token_logprobs": [None] + values[1:] + [-0.25],  # OpenAI style: the first prompt token gets null
+            "text_offset": [s for s, _ in encoding.offsets] + [len(prompt)],
             "top_logprobs": None,
         }
 
@@ -155,16 +157,23 @@ def synthetic_logprob(text: str) -> float:
 class FaultServer(_Server):
     """Answers ``/v1/completions`` following ``script`` (one action per request), then "ok".
 
-    Actions: ``"ok"``, ``("429", retry_after_seconds)``, ``"500"``, ``"503"``,
+    Actions: ``"ok"``, ``("429", retry_after_header)``, ``"500"``, ``"503"``,
     ``"400"``, ``("hang", seconds)``, ``"drop"`` (close without answering),
-    ``"badjson"``, ``"nologprobs"``.
+    ``"badjson"``, ``"nologprobs"``, ``"generated_only"``. ``models`` is what
+    ``GET /v1/models`` answers: an HTTP status (404 by default), or ``("hang", seconds)``.
     """
 
-    def __init__(self, script=()):
+    def __init__(self, script=(), models=404):
         self.script = list(script)
+        self.models = models
         super().__init__()
 
     def respond(self, handler, method, path, body):
+        if path == "/v1/models" and self.models != 404:
+            if isinstance(self.models, tuple):
+                time.sleep(self.models[1])
+                return self.send(handler, 200, {"data": [{"id": "m"}]})
+            return self.send(handler, self.models, {"error": {"message": "invalid api key"}})
         if path != "/v1/completions":
             return self.send(handler, 404, {"error": {"message": "not found"}})
         action = self.script.pop(0) if self.script else "ok"
@@ -186,6 +195,10 @@ class FaultServer(_Server):
             return self.send(handler, 200, b'{"choices": [{"index": 0, "logprobs": ')
         if kind == "nologprobs":
             return self.send(handler, 200, _completion_payload(prompts, [None] * len(prompts)))
+        if kind == "generated_only":  # echo ignored: the one generated token's log-prob, after the prompt
+            generated = [{"tokens": [" zz"], "token_logprobs": [-0.25], "text_offset": [len(p)], "top_logprobs": None}
+                         for p in prompts]
+            return self.send(handler, 200, _completion_payload(prompts, generated))
         return self.send(handler, 200, _completion_payload(prompts, [self._logprobs(p) for p in prompts]))
 
     @staticmethod

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import BertConfig
 
-import lqae_sklearn._checkpoint as checkpoint_module
+import lqae_sklearn.model._checkpoint as checkpoint_module
 from lqae_sklearn import LQAE, CheckpointError, FrozenLanguageModel, load_checkpoint, save_checkpoint
-from lqae_sklearn._checkpoint import FORMAT_VERSION, read_checkpoint_config
+from lqae_sklearn.model._checkpoint import FORMAT_VERSION, read_checkpoint_config
 
 from conftest import tiny_config
 

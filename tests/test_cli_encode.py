@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lqae_sklearn._checkpoint import DEFAULT_CHECKPOINT
+from lqae_sklearn.model import DEFAULT_CHECKPOINT
 from lqae_sklearn.cli._decode import WORKER_DIED, DecodePipeline, decode_file
 from lqae_sklearn.cli._discovery import Item, discover, in_shard
 from lqae_sklearn.cli._jsonl import iter_records, repair_torn_tail

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from lqae_sklearn._checkpoint import DEFAULT_CHECKPOINT
+from lqae_sklearn.model import DEFAULT_CHECKPOINT
 from lqae_sklearn.cli.info import preset_name
 
 INFO = [sys.executable, "-m", "lqae_sklearn.cli.info"]

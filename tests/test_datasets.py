@@ -383,7 +383,7 @@ def test_a_killed_download_leaves_nothing_that_passes_for_data(server, places):
 
 def test_training_data_fashion_mnist_comes_from_the_fetcher(subset_pins, places):
     from lqae_sklearn import preset_config
-    from lqae_sklearn._checkpoint import preprocessing_of
+    from lqae_sklearn.model import preprocessing_of
     from lqae_sklearn.training._data import open_training_data
 
     home = places[0]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lqae_sklearn._episodes import (
+from lqae_sklearn.evaluation import (
     NONSENSE_LABELS,
     LLMEpisodeRunner,
     evaluate_grid,
@@ -212,8 +212,8 @@ def test_content_free_calibration_is_refused_for_channel_scoring():
     from lqae_sklearn import LLMFewShotClassifier
 
     with pytest.raises(ValueError, match="channel scoring has no label prior"):
-        LLMEpisodeRunner(LLMFewShotClassifier(scoring="channel"), str, content_free="")
-    LLMEpisodeRunner(LLMFewShotClassifier(scoring="channel"), str)  # no calibration: fine
+        LLMEpisodeRunner(LLMFewShotClassifier(label_scoring="channel"), str, content_free="")
+    LLMEpisodeRunner(LLMFewShotClassifier(label_scoring="channel"), str)  # no calibration: fine
 
 
 def test_token_overlap_counts_shared_tokens_as_multisets():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import pickle
 import subprocess
 import sys
@@ -15,12 +16,12 @@ import torch
 from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
-from sklearn.utils import estimator_checks as checks
+from sklearn.utils.estimator_checks import parametrize_with_checks
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _llm_models import tiny_model_dir  # noqa: E402
 
-from lqae_sklearn import LLMFewShotClassifier  # noqa: E402
+from lqae_sklearn import DeviceWarning, LLMFewShotClassifier  # noqa: E402
 from lqae_sklearn.llm import HuggingFaceBackend, _cache  # noqa: E402
 
 WORDS = ["shoe", "##s", "black", "sleeve", "bag", "##ish", "strap", "wool", "pull", "##over", "boot", "heel"]
@@ -52,34 +53,84 @@ def _tiny(**params):
 
 
 # -- scikit-learn contract ------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "check",
-    [
-        checks.check_no_attributes_set_in_init,
-        checks.check_do_not_raise_errors_in_init_or_set_params,
-        checks.check_mixin_order,
-        checks.check_estimator_repr,
-        checks.check_get_params_invariance,
-        checks.check_set_params,
-        checks.check_parameters_default_constructible,
-        checks.check_estimators_unfitted,
-    ],
-    ids=lambda c: c.__name__,
-)
-def test_sklearn_checks(check):
-    check("LLMFewShotClassifier", LLMFewShotClassifier())
+#: The common checks that cannot pass, and why. Measured on the tiny model: the scores of a query move by up to
+#: 1.9e-6 (on values near 18) with the other queries of its batch, float32 rounding in padded batches, where the
+#: checks allow 1e-7.
+BATCH_ROUNDING = ("float32 scores of a query differ by ~1e-6 with the other queries in its batch (padding); "
+                  "the checks allow 1e-7")
+EXPECTED_FAILED_CHECKS = {
+    "check_methods_sample_order_invariance": BATCH_ROUNDING,
+    "check_methods_subset_invariance": BATCH_ROUNDING,
+}
 
 
-def test_tags_declare_string_input():
+@parametrize_with_checks([LLMFewShotClassifier(tiny_model_dir(), random_state=0)],
+                         expected_failed_checks=lambda estimator: EXPECTED_FAILED_CHECKS)
+def test_scikit_learn_common_checks(estimator, check):
+    check(estimator)
+
+
+def test_tags_declare_texts_and_rows_of_tokens():
     tags = LLMFewShotClassifier().__sklearn_tags__()
     assert tags.estimator_type == "classifier"
-    assert tags.input_tags.string and not tags.input_tags.two_d_array
-    assert tags.target_tags.required
+    assert tags.input_tags.string and tags.input_tags.two_d_array and not tags.input_tags.sparse
+    assert tags.target_tags.required and tags.classifier_tags.poor_score
+
+
+def test_rows_of_tokens_are_their_cells_joined_by_spaces():
+    X, y = _data(n_per_class=2, classes=("dax", "blicket"))
+    rows = np.array([text.split() for text in X], dtype=object)  # every text has 6 tokens
+    by_rows = _tiny().fit(rows, y)
+    by_text = _tiny().fit(X, y)
+    assert by_rows.n_features_in_ == 6 and not hasattr(by_text, "n_features_in_")
+    assert by_rows.prompt_prefix_ == by_text.prompt_prefix_
+    np.testing.assert_allclose(by_rows.predict_proba(rows), by_text.predict_proba(X), rtol=1e-6)
+    ids = np.array([[12, 7], [3, 4]])  # numbers are written out: "12 7"
+    assert _tiny().fit(ids, ["x", "y"]).format_prompt("a").startswith(("Input: 12 7\n", "Input: 3 4\n"))
+    with pytest.raises(ValueError, match="X has 5 features, but LLMFewShotClassifier is expecting 6"):
+        by_rows.predict(rows[:, :5])
+
+
+def test_parameters_take_effect_at_fit_only():
+    X, y = _data(n_per_class=2, classes=("dax", "blicket"))
+    clf = _tiny().fit(X, y)
+    before = clf.predict_proba(X)
+    clf.set_params(label_scoring="channel", prompt="{label} -> {input}\n")
+    np.testing.assert_array_equal(clf.predict_proba(X), before)  # still the fitted prompt and scoring
+    assert clf.prompt_.label_scoring == "loglik" and clf.prompt_.template == "Input: {input}\nOutput: {label}\n"
+    clf.fit(X, y)
+    assert clf.prompt_.label_scoring == "channel" and clf.prompt_prefix_.count(" -> ") == 2
+
+
+def test_fit_leaves_a_backend_object_unchanged():
+    backend = HuggingFaceBackend(tiny_model_dir(), device="cpu")
+    state = dict(vars(backend))
+    clf = LLMFewShotClassifier(backend, random_state=0).fit(*_data(n_per_class=2, classes=("a", "b")))
+    assert vars(backend) == state and backend._loaded is None  # the copy was loaded, not the caller's object
+    assert clf.backend_ is not backend and clf.backend_._loaded is not None
+    assert clf.get_params()["llm"] is backend
+
+
+def test_a_cuda_pickle_runs_on_the_cpu_with_a_warning_and_keeps_its_device_parameter():
+    X, y = _data(n_per_class=2, classes=("a", "b"))
+    clf = _tiny(device="cpu").fit(X, y)
+    expected = clf.predict_proba(X)
+    state = clf.__getstate__()
+    state["device"] = "cuda"
+    state["backend_"] = copy.copy(state["backend_"])
+    state["backend_"].device = "cuda"  # as pickled on a GPU machine
+    restored = LLMFewShotClassifier.__new__(LLMFewShotClassifier)
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    with pytest.warns(DeviceWarning, match="runs on the CPU instead"):
+        restored.__setstate__(pickle.loads(pickle.dumps(state)))
+    assert restored.device == "cuda" and restored.backend_.device == "cpu"
+    np.testing.assert_allclose(restored.predict_proba(X), expected, rtol=1e-6)
 
 
 def test_init_loads_nothing():
     loads = _cache.load_counter["n"]
-    clf = LLMFewShotClassifier("/nowhere/model", device="gpu0", scoring="bogus")
+    clf = LLMFewShotClassifier("/nowhere/model", device="gpu0", label_scoring="bogus")
     assert _cache.load_counter["n"] == loads
     assert clf.get_params()["llm"] == "/nowhere/model"
 
@@ -135,16 +186,16 @@ def test_prompt_text_is_exactly_the_template():
     assert clf.scoring_requests(["e f", "g"]) == (["Q: e f =>", "Q: g =>"], [" no;\n", " yes;\n"])
 
     # Channel scoring: label first; one query per class (the prompt up to the input), one continuation per input.
-    clf = _tiny(scoring="channel", prompt="{label} => {input};\n").fit(X, y)
+    clf = _tiny(label_scoring="channel", prompt="{label} => {input};\n").fit(X, y)
     i, j = clf.example_indices_
     assert clf.prompt_prefix_ == f"{y[i]} => {X[i]};\n{y[j]} => {X[j]};\n"
     assert clf.scoring_requests(["e f", "g"]) == (["no =>", "yes =>"], [" e f;\n", " g;\n"])
     assert clf.format_prompt("e f", label="no") == clf.prompt_prefix_ + "no => e f;\n"
-    with pytest.raises(ValueError, match="pass label="):
+    with pytest.raises(ValueError, match="pass a label to see one prompt"):
         clf.format_prompt("e f")
     with pytest.raises(ValueError, match="not one of the classes"):
         clf.format_prompt("e f", label="maybe")
-    assert _tiny(scoring="channel").fit(X, y).prompt_ == "{label}: {input}\n"
+    assert _tiny(label_scoring="channel").fit(X, y).prompt_.template == "{label}: {input}\n"
 
 
 def test_max_tokens_per_item_truncates_inputs():
@@ -164,23 +215,27 @@ def test_inputs_may_be_a_column_and_labels_anything():
 @pytest.mark.parametrize(
     "params, X, y, error, match",
     [
-        ({}, "one string", ["a"], TypeError, "sequence of strings, not a single string"),
-        ({}, ["a", 3], ["x", "y"], TypeError, r"X\[1\] must be a str, got int"),
-        ({}, np.array([["a", "b"], ["c", "d"]]), ["x", "y"], ValueError, "1-D .* got shape"),
+        ({}, "one string", ["a"], TypeError, "sequence of texts, not a single string"),
+        ({}, ["a", 3], ["x", "y"], ValueError, r"X\[1\] must be a str, got int"),
+        ({}, np.array([[["a"]], [["c"]]]), ["x", "y"], ValueError, r"1-D texts or a 2-D array of tokens, got shape \(2, 1, 1\)"),
+        ({}, np.array([[0.5, np.nan], [1.0, 2.0]]), ["x", "y"], ValueError, "Input X contains NaN"),
         ({}, ["a", "b"], ["x", "x"], ValueError, "needs at least 2"),
         ({}, ["a", "b"], ["x"], ValueError, "inconsistent numbers of samples"),
         ({}, ["a", "b"], [" ", "x"], ValueError, "empty label text"),
-        ({"n_examples_per_class": 0}, ["a", "b"], ["x", "y"], ValueError, "n_examples_per_class must be an int >= 1"),
-        ({"max_tokens_per_item": 0}, ["a", "b"], ["x", "y"], ValueError, "max_tokens_per_item must be None or an int"),
-        ({"scoring": "accuracy"}, ["a", "b"], ["x", "y"], ValueError, "scoring must be one of"),
+        ({"n_examples_per_class": 0}, ["a", "b"], ["x", "y"], ValueError,
+         r"The 'n_examples_per_class' parameter of LLMFewShotClassifier must be an int in the range \[1, inf\)"),
+        ({"max_tokens_per_item": 0}, ["a", "b"], ["x", "y"], ValueError, "The 'max_tokens_per_item' parameter"),
+        ({"label_scoring": "accuracy"}, ["a", "b"], ["x", "y"], ValueError,
+         "The 'label_scoring' parameter of LLMFewShotClassifier must be a str among"),
         ({"prompt": "{label}: {input}\n"}, ["a", "b"], ["x", "y"], ValueError, r"\{input\} then \{label\}"),
-        ({"prompt": "{input}: {label}\n", "scoring": "channel"}, ["a", "b"], ["x", "y"], ValueError,
+        ({"prompt": "{input}: {label}\n", "label_scoring": "channel"}, ["a", "b"], ["x", "y"], ValueError,
          r"channel scoring, prompt must contain \{label\} then \{input\}"),
-        ({"prompt": 3}, ["a", "b"], ["x", "y"], TypeError, "prompt must be a str template or None"),
+        ({"prompt": 3}, ["a", "b"], ["x", "y"], ValueError, "The 'prompt' parameter of LLMFewShotClassifier must be None"),
         ({"prompt": "In: {input}\n"}, ["a", "b"], ["x", "y"], ValueError, r"\{input\} then \{label\}"),
         ({"prompt": "{input} {label!r}\n"}, ["a", "b"], ["x", "y"], ValueError, "no conversion or format spec"),
         ({"instruction": "Pick {classes}"}, ["a", "b"], ["x", "y"], ValueError, "only contain the field"),
-        ({"llm_options": "fast"}, ["a", "b"], ["x", "y"], TypeError, "llm_options must be a dict"),
+        ({"llm_options": "fast"}, ["a", "b"], ["x", "y"], ValueError, "The 'llm_options' parameter"),
+        ({"device": None}, ["a", "b"], ["x", "y"], ValueError, "The 'device' parameter"),
     ],
 )
 def test_bad_input_is_named(params, X, y, error, match):
@@ -202,7 +257,7 @@ def test_backend_options_that_do_not_apply_are_refused():
 @pytest.mark.parametrize("scoring", ["loglik", "mean_loglik", "channel"])
 def test_scores_are_the_backends_loglikelihoods(scoring):
     X, y = _data()
-    clf = _tiny(n_examples_per_class=1, scoring=scoring).fit(X, y)
+    clf = _tiny(n_examples_per_class=1, label_scoring=scoring).fit(X, y)
     queries = X[[1, 5, 9]]
     if scoring == "channel":  # every input after every label: the backend returns (classes, inputs)
         raw = clf.backend_.score(clf.prompt_prefix_, [f"{c}:" for c in clf.classes_], [f" {q}\n" for q in queries])
@@ -248,7 +303,7 @@ def test_gemma_copies_a_demonstration_label(scoring):
     rng = np.random.default_rng(0)
     labels = np.array(["dax", "blicket", "wug", "toma", "fep"])
     X = [" ".join(rng.choice(words, size=12)) for _ in labels]
-    clf = LLMFewShotClassifier(device="cpu", scoring=scoring, random_state=0).fit(X, labels)
+    clf = LLMFewShotClassifier(device="cpu", label_scoring=scoring, random_state=0).fit(X, labels)
     if scoring == "channel":  # p(input | label): no label prior to overcome
         np.testing.assert_array_equal(clf.predict(X), labels)
         return
@@ -308,7 +363,7 @@ def test_unpickling_in_a_fresh_process_reloads_the_model(tmp_path):
 def test_grid_search_over_shots_and_scoring():
     X, y = _data(n_per_class=4, classes=("dax", "blicket"))
     search = GridSearchCV(
-        _tiny(), {"n_examples_per_class": [1, 2], "scoring": ["loglik", "mean_loglik", "channel"]}, cv=2,
+        _tiny(), {"n_examples_per_class": [1, 2], "label_scoring": ["loglik", "mean_loglik", "channel"]}, cv=2,
         error_score="raise",
     )
     search.fit(X, y)
@@ -351,5 +406,5 @@ def test_pipeline_with_lqae_tokenizer_on_images(tmp_path):
     text = pipe.named_steps["tokens"].transform(images[test])
     assert len(set(text)) == 4
     np.testing.assert_allclose(proba, fewshot.predict_proba(text), rtol=1e-6)
-    assert np.ptp(proba[:, 0]) > 1e-6
+    assert np.ptp(np.log(proba[:, 0])) > 1e-3  # log scale: the tiny model is very sure of one label
     np.testing.assert_array_equal(pipe.predict(images[test]), fewshot.classes_[proba.argmax(1)])

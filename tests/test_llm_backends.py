@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import sys
 from pathlib import Path
 
@@ -248,7 +249,7 @@ def test_bad_backend_settings_are_named(tmp_path):
         HuggingFaceBackend(str(tmp_path / "does-not-exist")).load()
     with pytest.raises(ValueError, match="dtype must be one of"):
         HuggingFaceBackend(tiny_model_dir(), dtype="float8").load()
-    with pytest.raises(ValueError, match="device 'gpu0' is not a torch device"):
+    with pytest.raises(ValueError, match="device must be 'auto' or a torch device such as 'cpu' or 'cuda:0', got 'gpu0'"):
         HuggingFaceBackend(tiny_model_dir(), device="gpu0").load()
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         HuggingFaceBackend(tiny_model_dir(), batch_size=0).load()
@@ -274,3 +275,16 @@ def test_cuda_scores_match_cpu_and_full_forward(reuse_prefix):
     # 2e-6); CUDA and CPU kernels round differently (there: 0.03 on scores near -50).
     np.testing.assert_allclose(scores.logprob, reference, atol=1e-4, rtol=0)
     np.testing.assert_allclose(scores.logprob, cpu.logprob, rtol=2e-3, atol=0)
+
+
+def test_a_broken_tokenizer_config_is_an_error_not_a_silent_loss_of_bos(tmp_path):
+    from lqae_sklearn.llm._cache import TextTokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir(), folder)
+    assert TextTokenizer.from_pretrained(str(folder)).bos_token_id == 1  # "<bos>" from the config
+    (folder / "tokenizer_config.json").write_text('{"bos_token": "<bos>", ')  # truncated
+    with pytest.raises(OSError, match=r"tokenizer_config.json cannot be read as JSON .* BOS"):
+        TextTokenizer.from_pretrained(str(folder))
+    (folder / "tokenizer_config.json").unlink()  # absent is fine: no special tokens are known
+    assert TextTokenizer.from_pretrained(str(folder)).bos_token_id is None

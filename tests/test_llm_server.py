@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def test_model_server_scores_match_local_backend():
     np.testing.assert_array_equal(scores.n_tokens, expected.n_tokens)
     assert len(requests) == 2  # 4 prompts, 3 per request
     assert requests[0]["body"]["model"] == "local-model"
-    assert requests[0]["body"]["echo"] is True and requests[0]["body"]["max_tokens"] == 0
+    assert requests[0]["body"]["echo"] is True and requests[0]["body"]["max_tokens"] == 1
 
 
 @pytest.mark.parametrize("scoring", ["loglik", "channel"])
@@ -73,10 +74,10 @@ def test_classifier_through_server_matches_embedded_gemma(scoring):
         local.torch_model, str(embedded_model_dir() / "tokenizer.json"), bos_token_id=2, name="gemma"
     ) as server:
         remote = LLMFewShotClassifier(
-            server.url, n_examples_per_class=2, scoring=scoring, random_state=0, llm_options={"model": "gemma"}
+            server.url, n_examples_per_class=2, label_scoring=scoring, random_state=0, llm_options={"model": "gemma"}
         )
         proba_remote = remote.fit(texts, labels).predict_proba(queries)
-    proba_local = LLMFewShotClassifier(local, n_examples_per_class=2, scoring=scoring, random_state=0).fit(
+    proba_local = LLMFewShotClassifier(local, n_examples_per_class=2, label_scoring=scoring, random_state=0).fit(
         texts, labels).predict_proba(queries)
     np.testing.assert_allclose(proba_remote, proba_local, atol=1e-3)
     assert proba_local.shape == (2, 2) and not np.allclose(proba_local, 0.5)
@@ -96,14 +97,32 @@ def test_base_url_and_key_from_environment(monkeypatch):
     assert "sk-test" not in repr(backend)
 
 
-def test_explicit_key_wins_and_no_key_sends_no_header(monkeypatch):
+def test_key_from_a_named_variable_at_call_time_and_no_key_sends_no_header(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with FaultServer() as server:
         _fast(server.url).score("p", ["q"], [" a"])
-        _fast(server.url, api_key="explicit").score("p", ["q"], [" a"])
+        backend = _fast(server.url, api_key_env="MY_SERVER_KEY")
+        monkeypatch.setenv("MY_SERVER_KEY", "sk-named-456")  # set after the backend was made: read per request
+        backend.score("p", ["q"], [" a"])
         first, second = server.completion_requests()
     assert "Authorization" not in first["headers"]
-    assert second["headers"]["Authorization"] == "Bearer explicit"
+    assert second["headers"]["Authorization"] == "Bearer sk-named-456"
+    assert "sk-named" not in repr(backend) and "sk-named" not in str(pickle.dumps(backend))
+    with pytest.raises(TypeError, match="api_key"):
+        OpenAICompatibleBackend(server.url, api_key="sk-1")  # a key is never an attribute
+
+
+def test_a_key_never_reaches_reprs_params_or_pickles(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-789")
+    with FaultServer() as server:
+        clf = LLMFewShotClassifier(server.url, llm_options={"model": "m"}).fit(["a b", "c d"], ["x", "y"])
+        clf.predict(["a b"])
+        (request, *_) = server.completion_requests()
+    assert request["headers"]["Authorization"] == "Bearer sk-secret-789"
+    for shown in (repr(clf), str(clf.get_params()), repr(clf.backend_), str(pickle.dumps(clf))):
+        assert "sk-secret" not in shown
+    with pytest.raises(ValueError, match=r"llm_options must not hold an API key .* \$OPENAI_API_KEY"):
+        LLMFewShotClassifier(server.url, llm_options={"api_key": "sk-1"}).fit(["a", "b"], ["x", "y"])
 
 
 def test_missing_base_url_is_explained(monkeypatch):
@@ -115,6 +134,15 @@ def test_missing_base_url_is_explained(monkeypatch):
 
 
 # -- retries: exactly on 429, 5xx and connection errors -----------------------------------------------------
+@pytest.mark.parametrize("header", ["soon", "Tue, 99 Foo 2026 25:61:00 GMT", "-3", ""])
+def test_malformed_retry_after_falls_back_to_the_backoff(header):
+    with FaultServer([("429", header)]) as server:
+        scores = _fast(server.url).score("p", ["q"], [" ab"])
+        first, second = server.completion_requests()
+    assert second["time"] - first["time"] < 0.9  # the 0.01 s back-off, not a hang or a crash
+    np.testing.assert_allclose(scores.logprob, [[synthetic_logprob(" ab")]])
+
+
 def test_429_waits_retry_after_then_succeeds():
     with FaultServer([("429", 0.3)]) as server:
         scores = _fast(server.url).score("p", ["q1", "q2"], [" ab", " c"])
@@ -181,6 +209,33 @@ def test_server_that_cannot_score_prompts_is_named():
     with FaultServer(["nologprobs"]) as server:
         with pytest.raises(LLMServerError, match="cannot score prompts.*echo=true with logprobs"):
             _fast(server.url).score("p", ["q"], [" ab"])
+
+
+def test_generated_token_logprobs_only_are_refused_not_read_as_scores():
+    """llama.cpp's llama-server answers echo requests with the generated token's log-prob only."""
+    with FaultServer(["generated_only"]) as server:
+        with pytest.raises(LLMServerError, match="log-probabilities for generated tokens only, none for the prompt"):
+            _fast(server.url).score("p", ["q"], [" ab"])
+
+
+def test_model_listing_hides_no_authentication_error_or_timeout():
+    with FaultServer(models=401) as server:
+        with pytest.raises(LLMServerError, match="GET .*/models failed with HTTP 401: invalid api key") as info:
+            _fast(server.url, model=None).score("p", ["q"], [" ab"])
+    assert info.value.status == 401
+    with FaultServer(models=("hang", 3.0)) as server:
+        with pytest.raises(LLMServerTimeout, match="GET .*/models: no answer within timeout=0.5 s"):
+            _fast(server.url, model=None, timeout=0.5).score("p", ["q"], [" ab"])
+    with FaultServer() as server:  # no listing at all (404): the model field is left out
+        _fast(server.url, model=None).score("p", ["q"], [" ab"])
+        (request,) = server.completion_requests()
+    assert "model" not in request["body"]
+
+
+@pytest.mark.parametrize(("option", "value"), [("timeout", 0), ("timeout", -1), ("backoff", -0.1), ("api_key_env", "")])
+def test_bad_settings_are_refused(option, value):
+    with pytest.raises(ValueError, match=option):
+        _fast("http://127.0.0.1:9/v1", **{option: value}).load()
 
 
 def test_classifier_reports_server_errors():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import RobertaConfig
 
 from lqae_sklearn import LQAE, PRESETS, FrozenLanguageModel, LQAEConfig, load_checkpoint, preset_config
-from lqae_sklearn._checkpoint import DEFAULT_CHECKPOINT
+from lqae_sklearn.model import DEFAULT_CHECKPOINT
 
 from conftest import TINY_OVERRIDES, fashion_mnist_subset, tiny_config
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from lqae_sklearn import LQAE
-from lqae_sklearn._quantizer import LanguageQuantizer
+from lqae_sklearn.model import LanguageQuantizer
 
 from conftest import tiny_config
 
@@ -159,3 +160,36 @@ def test_quantizer_owns_no_trainable_or_saved_state():
     quantizer = LanguageQuantizer(torch.randn(50, 8), [1, 2])
     assert list(quantizer.parameters()) == []
     assert quantizer.state_dict() == {}  # derived from the LM, never written to checkpoints
+
+
+def test_rescore_top_k_comes_from_the_config(minilm):
+    assert LQAE(tiny_config(rescore_top_k=3), minilm).quantizer.rescore_top_k == 3
+    assert LQAE(tiny_config(), minilm).quantizer.rescore_top_k == 8
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="rescore_top_k must be an int >= 0"):
+            tiny_config(rescore_top_k=bad)
+
+
+def test_bf16_search_with_float32_rescoring_finds_the_exact_rows():
+    """The CUDA search path (bf16 scores, top-k rescored in float32), run on CPU tensors: with k = 8 it
+    agrees with the float32 argmax on every one of 4,096 latents; with k = 1 (no rescoring) it does not."""
+    g = torch.Generator().manual_seed(5)
+    codebook = torch.randn(5000, 64, generator=g)
+    x = F.normalize(torch.randn(4096, 64, generator=g), dim=-1)
+    quantizer = LanguageQuantizer(codebook)
+    exact = quantizer._nearest_exact(x)
+    assert torch.equal(quantizer._nearest_rescored(x), exact)
+    quantizer.rescore_top_k = 1
+    assert (quantizer._nearest_rescored(x) != exact).sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_search_equals_the_cpu_float32_search():
+    g = torch.Generator().manual_seed(6)
+    codebook = torch.randn(30000, 384, generator=g)
+    x = torch.randn(8192, 384, generator=g)
+    cpu = LanguageQuantizer(codebook).nearest(x)
+    cuda = LanguageQuantizer(codebook.cuda()).cuda()
+    assert torch.equal(cuda.nearest(x.cuda()).cpu(), cpu)
+    cuda.rescore_top_k = 0  # the all-float32 search on the GPU
+    assert torch.equal(cuda.nearest(x.cuda()).cpu(), cpu)

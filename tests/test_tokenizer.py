@@ -7,6 +7,7 @@ test does not depend on training).
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import warnings
@@ -22,9 +23,10 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
 from lqae_sklearn import LQAE, LQAETokenizer, preset_config, save_checkpoint
-from lqae_sklearn._checkpoint import DEFAULT_CHECKPOINT, CheckpointError
+from lqae_sklearn.model import DEFAULT_CHECKPOINT, CheckpointError, read_checkpoint_config
 from lqae_sklearn._images import ImageLoadError
-from lqae_sklearn._tokenizer import DeviceWarning, _MODELS
+from lqae_sklearn import DeviceWarning
+from lqae_sklearn._loading import LQAE_MODELS
 
 from conftest import fashion_mnist_subset
 
@@ -78,8 +80,7 @@ def test_transform_is_deterministic_and_independent_of_batch_size(checkpoint, im
 
 def test_text_is_wordpiece_pieces_joined_by_spaces(fitted, images):
     ids = fitted.encode(images, ("ids",))["ids"]
-    texts = fitted.set_params(output="text").transform(images)
-    fitted.set_params(output="ids")
+    texts = fitted.encode(images, ("text",))["text"]
     assert isinstance(texts, list) and len(texts) == len(images)
     tokenizer = fitted.model_.language_model.tokenizer
     for row, text in zip(ids, texts):
@@ -195,7 +196,7 @@ def test_coarse_token_grid_pools_the_encoder_output(checkpoint, images):
     np.testing.assert_array_equal(LQAETokenizer(checkpoint, token_grid=7).fit().transform(images), full.transform(images))
 
     coarse = LQAETokenizer(checkpoint, token_grid=3, output="text").fit()
-    assert coarse.n_tokens_ == 9 and coarse.get_feature_names_out().tolist() == ["text"]
+    assert coarse.n_tokens_ == 9 and coarse.get_feature_names_out().tolist() == ["lqaetokenizer_text"]
     texts = coarse.transform(images)
     ids = coarse.text_to_ids(texts)
     assert ids.shape == (len(images), 9) and all(len(t.split()) == 9 for t in texts)
@@ -211,8 +212,11 @@ def test_coarse_token_grid_pools_the_encoder_output(checkpoint, images):
     np.testing.assert_allclose(reconstructed, expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"must have shape \(n_images, 9\)"):
         coarse.inverse_transform(full.transform(images))
-    for bad in (0, 8, 2.5, True):
-        with pytest.raises(ValueError, match="token_grid must be None or an int from 1 to .* \\(7\\)"):
+    for bad in (8, True):  # 8 is larger than the patch grid: it would upsample
+        with pytest.raises(ValueError, match=rf"token_grid must be None or an int from 1 to .* \(7\), got {bad}"):
+            LQAETokenizer(checkpoint, token_grid=bad).fit()
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match="The 'token_grid' parameter of LQAETokenizer must be"):
             LQAETokenizer(checkpoint, token_grid=bad).fit()
 
 
@@ -271,8 +275,8 @@ def test_bad_items_raise_errors_naming_them(fitted, images, tmp_path):
         fitted.transform(floats)
     with pytest.raises(ImageLoadError, match=r"X\[1\].*\[0, 1\]"):
         fitted.transform([images[0] / 255.0, images[1] * 2.0])
-    with pytest.raises(ValueError, match=r"reshape\(-1, 28, 28\)"):
-        fitted.transform(images.reshape(len(images), -1))
+    with pytest.raises(ValueError, match=r"flat rows must hold 28 x 28 x 1 = 784 pixels each"):
+        fitted.transform(images.reshape(len(images), -1)[:, :700])
     with pytest.raises(ValueError, match="channels-first"):
         fitted.transform(np.zeros((2, 5, 28, 28), dtype=np.uint8))
     with pytest.raises(TypeError, match="single path"):
@@ -293,13 +297,15 @@ def test_unfitted_estimator_refuses_to_transform(checkpoint, images):
 
 
 def test_fit_validates_parameters(checkpoint, tmp_path):
-    with pytest.raises(ValueError, match="output must be one of"):
+    with pytest.raises(ValueError, match=r"The 'output' parameter of LQAETokenizer must be a str among"):
         LQAETokenizer(checkpoint, output="pixels").fit()
+    with pytest.raises(ValueError, match=r"The 'token_grid' parameter of LQAETokenizer must be an int"):
+        LQAETokenizer(checkpoint, token_grid=0).fit()
     with pytest.raises(ValueError, match=r"unknown layers \['lm.99'\]"):
         LQAETokenizer(checkpoint, layers=["lm.99"]).fit()
     with pytest.raises(ValueError, match="twice"):
         LQAETokenizer(checkpoint, layers=["lm.1", "lm.1"]).fit()
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match=r"The 'batch_size' parameter of LQAETokenizer must be an int in the range"):
         LQAETokenizer(checkpoint, batch_size=0).fit()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         LQAETokenizer(tmp_path / "nowhere").fit()
@@ -338,10 +344,21 @@ def test_refits_and_clones_share_one_loaded_model(checkpoint, tmp_path):
     # A rewritten checkpoint is a new model, not a stale cache entry.
     copy = save_checkpoint(a.model_, tmp_path / "copy")
     first = LQAETokenizer(copy).fit().model_
+    stamps = {p.name: (p.stat().st_atime_ns, p.stat().st_mtime_ns, p.stat().st_size) for p in copy.iterdir()}
     torch.manual_seed(1)
     save_checkpoint(LQAE(preset_config("small-28"), a.model_.language_model).eval(), copy)
-    assert LQAETokenizer(copy).fit().model_ is not first
-    assert len(_MODELS) <= 4
+    for p in copy.iterdir():  # same names, sizes and modification times as before: only the contents differ
+        atime, mtime, size = stamps[p.name]
+        os.utime(p, ns=(atime, mtime))
+        if p.name == "model.safetensors":
+            assert p.stat().st_size == size
+    second = LQAETokenizer(copy).fit()
+    assert second.model_ is not first
+    assert second._weights_sha256 == read_checkpoint_config(copy)["weights_sha256"] != first.checkpoint_config["weights_sha256"]
+    for _ in range(LQAE_MODELS.max_items + 2):  # bounded: old entries leave
+        torch.manual_seed(len(LQAE_MODELS) + 7)
+        LQAETokenizer(save_checkpoint(LQAE(preset_config("small-28"), a.model_.language_model).eval(), copy)).fit()
+    assert len(LQAE_MODELS) == LQAE_MODELS.max_items
 
 
 # -- pickling ------------------------------------------------------------------------------
@@ -377,7 +394,7 @@ def test_cuda_pickle_loads_on_a_cpu_machine_with_a_warning(checkpoint, images):
     restored = LQAETokenizer.__new__(LQAETokenizer)
     with pytest.warns(DeviceWarning, match="runs on the CPU"):
         restored.__setstate__(pickle.loads(gpu_pickle))
-    assert restored.device == "cpu" and restored.device_ == "cpu"
+    assert restored.device == "cuda" and restored.device_ == "cpu"  # the parameter stays as the user set it
     np.testing.assert_array_equal(restored.transform(images), expected)
     # device="auto" pickled on a GPU machine: CPU here, and no warning needed.
     state.update(device="auto", device_="cuda")
@@ -406,10 +423,10 @@ def test_unpickled_estimator_refuses_a_changed_or_missing_checkpoint(fitted, ima
 # -- feature names and pandas output --------------------------------------------------------
 def test_feature_names_follow_the_output(checkpoint, images):
     tok = LQAETokenizer(checkpoint, layers=["encoder.4", "lm.6"], batch_size=8).fit()
-    assert list(tok.get_feature_names_out()) == [f"token_{i}" for i in range(49)]
-    tok.set_params(output="text")
-    assert list(tok.get_feature_names_out()) == ["text"]
-    tok.set_params(output="embeddings")
+    assert list(tok.get_feature_names_out()) == [f"lqaetokenizer_token{i}" for i in range(49)]
+    tok.set_params(output="text").fit()
+    assert list(tok.get_feature_names_out()) == ["lqaetokenizer_text"]
+    tok.set_params(output="embeddings").fit()
     names = tok.get_feature_names_out()
     widths = (tok.checkpoint_config_["model"]["encoder_dim"], tok.checkpoint_config_["language_model"]["hidden_size"])
     assert len(names) == sum(widths) == tok.transform(images[:2]).shape[1]
@@ -423,5 +440,53 @@ def test_set_output_pandas(checkpoint, images):
     assert isinstance(frame, pd.DataFrame)
     assert list(frame.columns) == list(tok.get_feature_names_out())
     np.testing.assert_array_equal(frame.to_numpy(), expected)
-    ids = tok.set_params(output="ids").transform(images)
-    assert isinstance(ids, pd.DataFrame) and ids.shape == (len(images), 49) and ids.columns[0] == "token_0"
+    ids = tok.set_params(output="ids").fit().transform(images)
+    assert isinstance(ids, pd.DataFrame) and ids.shape == (len(images), 49) and ids.columns[0] == "lqaetokenizer_token0"
+    texts = tok.set_params(output="text").fit().transform(images)
+    assert isinstance(texts, pd.DataFrame) and list(texts.columns) == ["lqaetokenizer_text"]
+    assert texts["lqaetokenizer_text"].tolist() == tok.set_output(transform="default").transform(images)
+
+
+# -- parameters take effect at fit; flat rows; feature names ---------------------------------
+def test_parameters_that_decide_the_output_take_effect_only_at_fit(checkpoint, images):
+    tok = LQAETokenizer(checkpoint, token_grid=3, batch_size=4).fit()
+    coarse = tok.transform(images)
+    names = tok.get_feature_names_out()
+    tok.set_params(token_grid=None, output="text", layers="all")
+    # Until the next fit, transform and the feature names keep agreeing with each other and with fit.
+    np.testing.assert_array_equal(tok.transform(images), coarse)
+    assert list(tok.get_feature_names_out()) == list(names) and len(names) == coarse.shape[1] == 9
+    tok.set_params(batch_size=3)  # execution only: read at each call, changes no result
+    np.testing.assert_array_equal(tok.transform(images), coarse)
+    tok.fit()
+    texts = tok.transform(images)
+    assert (tok.output_, tok.token_grid_, tok.n_tokens_) == ("text", 7, 49) and len(texts[0].split()) == 49
+
+
+def test_flat_rows_are_images_and_fit_records_their_width_and_names(checkpoint, images):
+    expected = LQAETokenizer(checkpoint).fit(images).transform(images)
+    flat = images.reshape(len(images), -1)
+    tok = LQAETokenizer(checkpoint).fit(flat)
+    assert tok.n_features_in_ == 784 and not hasattr(tok, "feature_names_in_")
+    np.testing.assert_array_equal(tok.transform(flat), expected)
+    np.testing.assert_array_equal(tok.transform(flat / 255.0), expected)  # floats in [0, 1] too
+    np.testing.assert_array_equal(tok.transform(images), expected)  # images still work after flat rows
+
+    columns = [f"pixel{i + 1}" for i in range(784)]  # as fetch_openml("Fashion-MNIST", as_frame=True)
+    frame = pd.DataFrame(flat, columns=columns)
+    tok = LQAETokenizer(checkpoint).fit(frame)
+    assert list(tok.feature_names_in_) == columns
+    np.testing.assert_array_equal(tok.transform(frame), expected)
+    tok.get_feature_names_out(columns)  # the fitted names are accepted ...
+    with pytest.raises(ValueError, match="input_features is not equal to feature_names_in_"):
+        tok.get_feature_names_out(columns[::-1])  # ... others are not
+    with pytest.warns(UserWarning, match="X does not have valid feature names"):
+        tok.transform(flat)
+
+    with pytest.raises(ValueError, match=r"X has 700 features per row, but this checkpoint reads flat rows of "
+                                         r"28 x 28 x 1 = 784 pixels"):
+        LQAETokenizer(checkpoint).fit(flat[:, :700])
+    with pytest.raises(ValueError, match="X has 700 features, but LQAETokenizer is expecting 784 features"):
+        LQAETokenizer(checkpoint).fit(flat).transform(flat[:, :700])
+    with pytest.raises(ValueError, match="Input X contains NaN"):
+        LQAETokenizer(checkpoint).fit(np.full((2, 784), np.nan))

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 import lqae_sklearn.training
 from lqae_sklearn import FrozenLanguageModel, load_checkpoint
-from lqae_sklearn._config import DEFAULT_LANGUAGE_MODEL
-from lqae_sklearn.training import TrainConfig, _trainer, train
+from lqae_sklearn.model import DEFAULT_LANGUAGE_MODEL
+from lqae_sklearn.training import ResumeError, TrainConfig, _trainer, train
 from lqae_sklearn.training import cli as train_cli
 
 from conftest import TINY_OVERRIDES, tiny_config
@@ -281,3 +281,21 @@ def test_set_option_rejects_bad_values(captured_config, args, message):
     assert result.exit_code == 2
     assert message in result.output
     assert captured_config == []
+
+
+def test_resume_without_a_run_is_refused_and_a_new_run_never_overwrites_one(tmp_path, straight_run, npy_data, minilm):
+    empty = tmp_path / "empty"
+    with reusing(minilm), pytest.raises(ResumeError, match=r"nothing to resume in .*empty: .* holds no checkpoint"):
+        train(run_config(empty, npy_data, resume=True))
+    assert not (empty / "metrics.jsonl").exists()
+
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    metrics = (run / "metrics.jsonl").read_bytes()
+    with reusing(minilm), pytest.raises(ResumeError, match="already holds a training run .* pass --resume"):
+        train(run_config(run, npy_data))
+    assert (run / "metrics.jsonl").read_bytes() == metrics  # untouched
+
+    result = subprocess.run([str(LQAE_TRAIN), "--data", str(npy_data), "--out", str(empty), "--resume",
+                             "--steps", "2", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "nothing to resume in" in result.stderr and "Traceback" not in result.stderr

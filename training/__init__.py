@@ -6,6 +6,6 @@
 
 from ._augment import random_resized_crop
 from ._data import EpochOrder, open_training_data
-from ._trainer import TrainConfig, evaluate, train
+from ._trainer import ResumeError, TrainConfig, evaluate, train
 
-__all__ = ["EpochOrder", "TrainConfig", "evaluate", "open_training_data", "random_resized_crop", "train"]
+__all__ = ["EpochOrder", "ResumeError", "TrainConfig", "evaluate", "open_training_data", "random_resized_crop", "train"]

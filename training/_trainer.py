@@ -23,10 +23,11 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from lqae_sklearn._checkpoint import _replace_dir, load_checkpoint, preprocessing_of, save_checkpoint
-from lqae_sklearn._config import preset_config
-from lqae_sklearn._language_model import FrozenLanguageModel
-from lqae_sklearn._model import LQAE
+from lqae_sklearn._atomic import replace_dir
+from lqae_sklearn._loading import resolve_device
+from lqae_sklearn.model import (
+    LQAE, FrozenLanguageModel, load_checkpoint, preprocessing_of, preset_config, save_checkpoint,
+)
 
 from ._augment import random_resized_crop
 from ._data import EpochOrder, iterate_batches, open_training_data
@@ -110,10 +111,9 @@ def _init_distributed(device_type: str) -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def _resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+def _process_device(name: str, local_rank: int) -> torch.device:
+    """``name`` resolved as everywhere in the library; a bare "cuda" means this process's GPU under torchrun."""
+    device = resolve_device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
@@ -125,26 +125,70 @@ def _step_generator(device: torch.device, seed: int, step: int, micro: int, rank
     return g
 
 
+class ResumeError(ValueError):
+    """``--resume`` without a run to resume, or a fresh start over a run that would be lost."""
+
+
+@dataclass
+class _Run:
+    """Everything a training run holds between steps."""
+
+    cfg: TrainConfig
+    ddp: _Dist
+    device: torch.device
+    model: LQAE
+    net: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    data: object
+    order: EpochOrder
+    batches: object  # iterator of micro-batches from start_step on
+    start_step: int
+    eval_images: torch.Tensor | None
+    log: MetricsLog | None
+    autocast: object
+    out_dir: Path
+    ckpt_dir: Path
+    sums: torch.Tensor = None  # loss, reconstruction, commitment, mlm over the logging window
+    counts: torch.Tensor = None  # token counts over the logging window
+    window_start: float = 0.0
+    window_steps: int = 0
+    last_eval: dict = field(default_factory=dict)
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train (or resume) an LQAE; returns the checkpoint folder."""
-    device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    ddp = _init_distributed(device_type)
-    device = _resolve_device(cfg.device, ddp.local_rank)
+    run = _setup(cfg)
+    bar = tqdm(total=cfg.steps, initial=run.start_step, disable=not (run.ddp.main and cfg.progress), unit="step")
+    for step in range(run.start_step, cfg.steps):
+        _step(run, step)
+        done = step + 1
+        bar.update(1)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            record = _log(run, step)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", psnr=f"{record['psnr']:.2f}")
+        if done % cfg.save_every == 0 or done == cfg.steps:
+            _checkpoint(run, done)
+    bar.close()
+    return run.ckpt_dir
+
+
+def _setup(cfg: TrainConfig) -> _Run:
+    """Devices and processes, the model (fresh or resumed), the optimizer, the data and the metrics log."""
+    ddp = _init_distributed(resolve_device(cfg.device).type)
+    device = _process_device(cfg.device, ddp.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     use_bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / CHECKPOINT_DIR
+    _check_resume(cfg, out_dir, ckpt_dir)
     if ddp.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "samples").mkdir(exist_ok=True)
 
-    # -- model and optimizer -------------------------------------------------------
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    resuming = cfg.resume and has_training_state(ckpt_dir)
-    if resuming:
+    if cfg.resume:
         model = load_checkpoint(ckpt_dir)
-        model_config = model.config
     else:
         model_config = preset_config(cfg.preset, **cfg.model_overrides)
         model = LQAE(model_config, FrozenLanguageModel.from_pretrained(model_config.language_model))
@@ -156,11 +200,11 @@ def train(cfg: TrainConfig) -> Path:
         weight_decay=cfg.weight_decay, fused=device.type == "cuda",
     )
     start_step = 0
-    if resuming:
+    if cfg.resume:
         saved = load_optimizer(optimizer, ckpt_dir)
         for key in _RESUME_INVARIANTS:
             if _jsonable(getattr(cfg, key)) != saved["config"].get(key):
-                raise ValueError(
+                raise ResumeError(
                     f"cannot resume {ckpt_dir}: {key} was {saved['config'].get(key)!r}, now {getattr(cfg, key)!r}"
                 )
         start_step = saved["step"]
@@ -174,8 +218,7 @@ def train(cfg: TrainConfig) -> Path:
             broadcast_buffers=False,  # buffers are constants derived from the frozen LM
         )
 
-    # -- data ------------------------------------------------------------------------
-    preprocessing = preprocessing_of(model_config)
+    preprocessing = preprocessing_of(model.config)
     data = open_training_data(cfg.data, preprocessing, cfg.data_home)
     if cfg.batch_size % (ddp.world * cfg.accumulation):
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by processes x accumulation ({ddp.world} x {cfg.accumulation})")
@@ -184,72 +227,94 @@ def train(cfg: TrainConfig) -> Path:
     eval_images = None
     if eval_source and ddp.main:
         eval_set = open_training_data(eval_source, preprocessing, cfg.data_home)
-        n = min(cfg.eval_images, len(eval_set))
-        eval_images = torch.stack([eval_set[i] for i in range(n)])
+        eval_images = torch.stack([eval_set[i] for i in range(min(cfg.eval_images, len(eval_set)))])
 
-    # -- loop --------------------------------------------------------------------------
-    log = MetricsLog(out_dir / "metrics.jsonl", start_step if resuming else None) if ddp.main else None
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    batches = iterate_batches(data, order, ddp.rank, start_step, cfg.steps, cfg.num_workers)
-    sums = torch.zeros(4, device=device)  # loss, reconstruction, commitment, mlm
-    counts = torch.zeros(model.language_model.vocab_size, device=device)
-    window_start, window_steps = time.perf_counter(), 0
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (ddp.main and cfg.progress), unit="step")
-    last_eval: dict = {}
-    for step in range(start_step, cfg.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr_at(step)
-        for micro in range(cfg.accumulation):
-            images = next(batches).to(device, non_blocking=True).float().div_(255)
-            g = _step_generator(device, cfg.seed, step, micro, ddp.rank)
-            if cfg.augment:
-                images = random_resized_crop(images, g, tuple(cfg.crop_scale), hflip=cfg.hflip)
-            sync = micro == cfg.accumulation - 1 or ddp.world == 1
-            with autocast, (contextlib.nullcontext() if sync else net.no_sync()):
-                out = net(images, generator=g)
-                (out.loss / cfg.accumulation).backward()
-            with torch.no_grad():
-                sums += torch.stack([out.loss, out.reconstruction_loss, out.commitment_loss, out.mlm_loss]).float() / cfg.accumulation
-                counts += torch.bincount(out.ids.flatten(), minlength=counts.numel())
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        window_steps += 1
-        done = step + 1
-        bar.update(1)
+    # A resumed log keeps the records up to the checkpoint's step; the run replays the rest exactly.
+    log = MetricsLog(out_dir / "metrics.jsonl", start_step if cfg.resume else None) if ddp.main else None
+    return _Run(
+        cfg=cfg, ddp=ddp, device=device, model=model, net=net, optimizer=optimizer, data=data, order=order,
+        batches=iterate_batches(data, order, ddp.rank, start_step, cfg.steps, cfg.num_workers),
+        start_step=start_step, eval_images=eval_images, log=log,
+        autocast=torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext(),
+        out_dir=out_dir, ckpt_dir=ckpt_dir, sums=torch.zeros(4, device=device),
+        counts=torch.zeros(model.language_model.vocab_size, device=device), window_start=time.perf_counter(),
+    )
 
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            if ddp.world > 1:
-                dist.all_reduce(sums)
-                dist.all_reduce(counts)
-                sums /= ddp.world
-            elapsed = time.perf_counter() - window_start
-            loss, recon, commit, mlm = (float(v) / window_steps for v in sums)
-            record = {
-                "step": done, "epoch": done / order.steps_per_epoch, "lr": cfg.lr_at(step),
-                "loss": loss, "reconstruction_loss": recon, "commitment_loss": commit, "mlm_loss": mlm,
-                "psnr": psnr(recon), **code_statistics(counts, model.quantizer.codebook_size),
-                "images_per_s": window_steps * cfg.batch_size / elapsed,
-            }
-            if ddp.main:
-                log.write(record)
-                bar.set_postfix(loss=f"{loss:.4f}", psnr=f"{record['psnr']:.2f}")
-            sums.zero_()
-            counts.zero_()
-            window_start, window_steps = time.perf_counter(), 0
 
-        if done % cfg.save_every == 0 or done == cfg.steps:
-            if ddp.main:
-                if eval_images is not None:
-                    last_eval = evaluate(model, eval_images, device, autocast, cfg.batch_size)
-                    samples = last_eval.pop("samples")
-                    save_grid(eval_images[: len(samples)].float() / 255, samples, out_dir / "samples" / f"step_{done:07d}.png")
-                    log.write({"step": done, **{f"eval_{k}": v for k, v in last_eval.items()}})
-                _save(model, optimizer, cfg, ddp, data.description, done, last_eval, ckpt_dir)
-            if ddp.world > 1:
-                dist.barrier()
-            window_start = time.perf_counter()  # keep checkpoint time out of images/s
-    bar.close()
-    return ckpt_dir
+def _check_resume(cfg: TrainConfig, out_dir: Path, ckpt_dir: Path) -> None:
+    """``resume`` needs a run to continue; a fresh start must not overwrite one."""
+    if cfg.resume and not has_training_state(ckpt_dir):
+        raise ResumeError(
+            f"nothing to resume in {out_dir}: {ckpt_dir} holds no checkpoint with training state; run without "
+            f"--resume to start a new run there"
+        )
+    metrics = out_dir / "metrics.jsonl"
+    if not cfg.resume and (has_training_state(ckpt_dir) or (metrics.is_file() and metrics.stat().st_size)):
+        raise ResumeError(
+            f"{out_dir} already holds a training run ({ckpt_dir.name}/ or metrics.jsonl); pass --resume to "
+            f"continue it, or choose another --out: a new run would overwrite it"
+        )
+
+
+def _step(run: _Run, step: int) -> None:
+    """One optimizer step over ``accumulation`` micro-batches, adding its losses and tokens to the window."""
+    cfg = run.cfg
+    for group in run.optimizer.param_groups:
+        group["lr"] = cfg.lr_at(step)
+    for micro in range(cfg.accumulation):
+        images = next(run.batches).to(run.device, non_blocking=True).float().div_(255)
+        g = _step_generator(run.device, cfg.seed, step, micro, run.ddp.rank)
+        if cfg.augment:
+            images = random_resized_crop(images, g, tuple(cfg.crop_scale), hflip=cfg.hflip)
+        sync = micro == cfg.accumulation - 1 or run.ddp.world == 1
+        with run.autocast, (contextlib.nullcontext() if sync else run.net.no_sync()):
+            out = run.net(images, generator=g)
+            (out.loss / cfg.accumulation).backward()
+        with torch.no_grad():
+            terms = torch.stack([out.loss, out.reconstruction_loss, out.commitment_loss, out.mlm_loss])
+            run.sums += terms.float() / cfg.accumulation
+            run.counts += torch.bincount(out.ids.flatten(), minlength=run.counts.numel())
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.window_steps += 1
+
+
+def _log(run: _Run, step: int) -> dict:
+    """Average the window over steps (and processes), append it to the metrics log, start a new window."""
+    cfg, done = run.cfg, step + 1
+    if run.ddp.world > 1:
+        dist.all_reduce(run.sums)
+        dist.all_reduce(run.counts)
+        run.sums /= run.ddp.world
+    elapsed = time.perf_counter() - run.window_start
+    loss, recon, commit, mlm = (float(v) / run.window_steps for v in run.sums)
+    record = {
+        "step": done, "epoch": done / run.order.steps_per_epoch, "lr": cfg.lr_at(step),
+        "loss": loss, "reconstruction_loss": recon, "commitment_loss": commit, "mlm_loss": mlm,
+        "psnr": psnr(recon), **code_statistics(run.counts, run.model.quantizer.codebook_size),
+        "images_per_s": run.window_steps * cfg.batch_size / elapsed,
+    }
+    if run.ddp.main:
+        run.log.write(record)
+    run.sums.zero_()
+    run.counts.zero_()
+    run.window_start, run.window_steps = time.perf_counter(), 0
+    return record
+
+
+def _checkpoint(run: _Run, done: int) -> None:
+    """Evaluate on the held-out images, save a sample grid and the checkpoint (main process), then sync."""
+    if run.ddp.main:
+        if run.eval_images is not None:
+            run.last_eval = evaluate(run.model, run.eval_images, run.device, run.autocast, run.cfg.batch_size)
+            samples = run.last_eval.pop("samples")
+            save_grid(run.eval_images[: len(samples)].float() / 255, samples,
+                      run.out_dir / "samples" / f"step_{done:07d}.png")
+            run.log.write({"step": done, **{f"eval_{k}": v for k, v in run.last_eval.items()}})
+        _save(run.model, run.optimizer, run.cfg, run.ddp, run.data.description, done, run.last_eval, run.ckpt_dir)
+    if run.ddp.world > 1:
+        dist.barrier()
+    run.window_start = time.perf_counter()  # keep checkpoint time out of images/s
 
 
 @torch.no_grad()
@@ -287,6 +352,6 @@ def _save(model, optimizer, cfg, ddp, data_description, step, eval_metrics, ckpt
     try:
         folder = save_checkpoint(model, tmp_parent / CHECKPOINT_DIR, training=training, metrics=metrics)
         save_optimizer(optimizer, folder, {"step": step, "config": config})
-        _replace_dir(folder, ckpt_dir)
+        replace_dir(folder, ckpt_dir)
     finally:
         shutil.rmtree(tmp_parent, ignore_errors=True)

@@ -7,9 +7,9 @@ import os
 
 import click
 
-from lqae_sklearn._config import PRESETS, LQAEConfig, preset_config
+from lqae_sklearn.model import PRESETS, LQAEConfig, preset_config
 
-from ._trainer import TrainConfig, train
+from ._trainer import ResumeError, TrainConfig, train
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -44,7 +44,11 @@ from ._trainer import TrainConfig, train
 @click.option("--eval-data", help="Images for reconstruction PSNR at each checkpoint [default: Fashion-MNIST test when training on it].")
 @click.option("--eval-images", default=1000)
 @click.option("--workers", "num_workers", default=0, help="Image-decoding processes for folder data.")
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint exactly (weights, optimizer, step, data order).")
+@click.option(
+    "--resume", is_flag=True,
+    help="Continue the run in OUT exactly (weights, optimizer, step, data order). Refused when OUT holds no run; "
+    "without it, a run over an existing one is refused.",
+)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def main(language_model, image_size, patch_size, settings, compile_, no_progress, **options):
     """Train an LQAE: ViT encoder -> frozen LM word embeddings -> frozen LM -> ViT decoder.
@@ -68,7 +72,10 @@ def main(language_model, image_size, patch_size, settings, compile_, no_progress
     except ValueError as exc:
         raise click.UsageError(f"invalid model settings: {exc}") from None
     cfg = TrainConfig(model_overrides=overrides, compile=compile_, progress=not no_progress, **options)
-    ckpt = train(cfg)
+    try:
+        ckpt = train(cfg)
+    except ResumeError as exc:
+        raise click.UsageError(str(exc)) from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
         click.echo(f"checkpoint: {ckpt}", err=True)
 

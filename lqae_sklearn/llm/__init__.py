@@ -8,8 +8,9 @@ token counts (:class:`ContinuationScores`).
   or CUDA, with the prefix's KV cache computed once and reused. Its default is the
   embedded Gemma 3 270M (converted once from the GGUF in ``lqae-sklearn[llm]`` and
   cached under ``$LQAE_SKLEARN_CACHE`` or ``~/.cache/lqae-sklearn``).
-* :class:`OpenAICompatibleBackend`: a vLLM or llama.cpp server's ``/v1/completions``
-  with ``echo`` and ``logprobs``.
+* :class:`OpenAICompatibleBackend`: an OpenAI-compatible server's ``/v1/completions``
+  that returns prompt log-probabilities with ``echo`` (vLLM, llama-cpp-python's
+  server; not llama.cpp's ``llama-server``: see the backend's notes).
 
 :func:`make_backend` turns the ``llm`` parameter of the classifier into a backend.
 """
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 _HF_OPTIONS = {"device", "dtype", "batch_size", "reuse_prefix"}
-_HTTP_OPTIONS = {"api_key", "model", "timeout", "max_retries", "backoff", "max_backoff", "batch_size"}
+_HTTP_OPTIONS = {"api_key_env", "model", "timeout", "max_retries", "backoff", "max_backoff", "batch_size"}
 
 
 def make_backend(llm=None, **options) -> LanguageModelBackend:
@@ -50,7 +51,7 @@ def make_backend(llm=None, **options) -> LanguageModelBackend:
         is returned as is.
     **options
         Keyword arguments of the backend's constructor (``device``, ``dtype``,
-        ``batch_size``, ``reuse_prefix`` for Hugging Face; ``api_key``, ``model``,
+        ``batch_size``, ``reuse_prefix`` for Hugging Face; ``api_key_env``, ``model``,
         ``timeout``, ``max_retries``, ``backoff``, ``max_backoff``, ``batch_size``
         for a server). Options that do not apply raise ``TypeError``.
     """

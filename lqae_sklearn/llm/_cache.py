@@ -12,8 +12,9 @@ The conversion is written to a temporary folder next to its final place and rena
 into place when complete, so a crash or two processes converting at once can never
 leave a half-written model behind (the loser of the race discards its copy).
 
-Within a process, loaded models are kept in a dictionary keyed by (path, device,
-dtype), so refitting or cloning an estimator reuses the weights already in memory.
+Within a process, loaded models are kept in a bounded :class:`~lqae_sklearn._loading.ModelCache`
+keyed by (path, device, dtype), so refitting or cloning an estimator reuses the
+weights already in memory.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+from .._loading import ModelCache
 
 EMBEDDED_LLM = "gemma-3-270m"
 _MARKER = "lqae-sklearn-conversion.json"
@@ -129,16 +131,15 @@ class LoadedModel:
     dtype: str
 
 
-_LOADED: dict[tuple[str, str, str], LoadedModel] = {}
-_LOCK = threading.Lock()
+#: Causal LMs by (path, device, dtype): the same policy as the autoencoders' cache.
+LOADED_MODELS = ModelCache(max_items=2)
 # How many times weights were actually read from disk; tests use it to prove reuse.
 load_counter = {"n": 0}
 
 
 def clear_loaded_models() -> None:
     """Forget every model held in memory (they are reloaded on next use)."""
-    with _LOCK:
-        _LOADED.clear()
+    LOADED_MODELS.clear()
 
 
 def load_causal_lm(path: str, device: str, dtype: str) -> LoadedModel:
@@ -153,13 +154,7 @@ def load_causal_lm(path: str, device: str, dtype: str) -> LoadedModel:
     dtype : {"float32", "bfloat16", "float16"}
         Parameter dtype.
     """
-    key = (str(path), device, dtype)
-    with _LOCK:
-        if key in _LOADED:
-            return _LOADED[key]
-        loaded = _load_uncached(str(path), device, dtype)
-        _LOADED[key] = loaded
-        return loaded
+    return LOADED_MODELS.get((str(path), device, dtype), lambda: _load_uncached(str(path), device, dtype))
 
 
 def _load_uncached(path: str, device: str, dtype: str) -> LoadedModel:
@@ -222,7 +217,14 @@ class TextTokenizer:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+    """A JSON object from ``path``; {} when there is no such file, an error naming it when it is broken."""
+    if not path.is_file():
         return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise OSError(f"{path} cannot be read as JSON ({exc}); without it the tokenizer's BOS and padding "
+                      f"tokens are unknown") from exc
+    if not isinstance(data, dict):
+        raise OSError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data

@@ -102,17 +102,11 @@ class HuggingFaceBackend(LanguageModelBackend):
         return EMBEDDED_LLM if self.model in (None, EMBEDDED_LLM) else str(self.model)
 
     def _resolved_device(self) -> str:
-        import torch
+        from .._loading import resolve_device
 
-        if self.device is None:
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if not isinstance(self.device, str):
+        if self.device is not None and not isinstance(self.device, str):
             raise TypeError(f"device must be a str such as 'cpu' or 'cuda', got {self.device!r}")
-        try:
-            torch.device(self.device)
-        except RuntimeError as exc:
-            raise ValueError(f"device {self.device!r} is not a torch device: {exc}") from exc
-        return self.device
+        return str(resolve_device(self.device))
 
     def _resolved_dtype(self, device: str) -> str:
         if self.dtype is None:

@@ -1,20 +1,30 @@
 """Scoring through an OpenAI-compatible HTTP server (``/v1/completions``, ``echo`` + ``logprobs``).
 
-vLLM and llama.cpp's server (and the legacy OpenAI completions API) return the
-log-probability of every *prompt* token when asked for ``echo=true``, ``logprobs``
-and ``max_tokens=0``. That is all a few-shot classifier needs: each prompt is
+A server that follows the legacy OpenAI completions API returns the
+log-probability of every *prompt* token when asked for ``echo=true`` and
+``logprobs``; ``max_tokens=1`` is sent (vLLM refuses 0, and llama-cpp-python reads
+0 as "no limit"), and the one generated token is ignored. Which servers do it:
+
+* vLLM: since 0.5.2, by its tracker (vllm-project/vllm issue 6508); not run here.
+* llama-cpp-python's server: see ``docs/llm-servers.md`` for the run that checked it.
+* llama.cpp's own ``llama-server``: no. It returns log-probs for the generated
+  token only (ggml-org/llama.cpp issue 27174, open as of 2026-11), and older
+  builds reject ``echo``. Such a reply is refused with an error, never read as a
+  score.
+
+That is all a few-shot classifier needs: each prompt is
 ``prefix + query + label``, and the label's score is the sum of the log-probs of the
 tokens that cover the label's characters. The server tokenises the whole prompt, so a
 token that straddles the query/label boundary counts as a label token.
 
-Prefix reuse is the server's job here (vLLM's automatic prefix caching, llama.cpp's
-``cache_prompt``): every prompt of a request starts with the same demonstrations.
+Prefix reuse is the server's job here (vLLM's automatic prefix caching): every
+prompt of a request starts with the same demonstrations.
 
 Only the standard library is used (``urllib``). Errors:
 
 * HTTP 429 and 5xx, and failures to connect, are retried up to ``max_retries`` times,
-  waiting ``Retry-After`` when the server sends it, else ``backoff * 2**attempt``
-  seconds (at most ``max_backoff``).
+  waiting ``Retry-After`` when the server sends a valid one (seconds or an HTTP
+  date), else ``backoff * 2**attempt`` seconds (at most ``max_backoff``).
 * Any other HTTP status (400, 401, 404, ...) fails at once with the server's message.
 * A server that does not answer within ``timeout`` seconds raises
   :class:`LLMServerTimeout` at once: retrying a hung server would multiply the wait.
@@ -66,14 +76,16 @@ class OpenAICompatibleBackend(LanguageModelBackend):
     base_url : str or None, default=None
         The API root, e.g. ``"http://127.0.0.1:8000/v1"``. None reads
         ``$OPENAI_BASE_URL``.
-    api_key : str or None, default=None
-        Sent as ``Authorization: Bearer <key>``. None reads ``$OPENAI_API_KEY``;
-        no header is sent when neither is set.
+    api_key_env : str, default="OPENAI_API_KEY"
+        The environment variable that holds the API key, read at each request and
+        sent as ``Authorization: Bearer <key>`` (no header when it is unset). The
+        key itself is never an attribute, so no repr, ``get_params`` or pickle
+        can show it.
     model : str or None, default=None
         The ``model`` field of each request. None asks ``GET {base_url}/models``
         once and uses the first model listed (omitting the field if that fails).
     timeout : float, default=60.0
-        Seconds to wait for the server on each connection attempt and read.
+        Seconds (> 0) to wait for the server on each connection attempt and read.
     max_retries : int, default=3
         Retries after a 429, a 5xx or a connection failure.
     backoff : float, default=0.5
@@ -88,7 +100,7 @@ class OpenAICompatibleBackend(LanguageModelBackend):
         self,
         base_url=None,
         *,
-        api_key=None,
+        api_key_env="OPENAI_API_KEY",
         model=None,
         timeout=60.0,
         max_retries=3,
@@ -97,7 +109,7 @@ class OpenAICompatibleBackend(LanguageModelBackend):
         batch_size=16,
     ):
         self.base_url = base_url
-        self.api_key = api_key
+        self.api_key_env = api_key_env
         self.model = model
         self.timeout = timeout
         self.max_retries = max_retries
@@ -131,14 +143,17 @@ class OpenAICompatibleBackend(LanguageModelBackend):
         return url.rstrip("/")
 
     def _api_key(self) -> str | None:
-        return self.api_key if self.api_key is not None else os.environ.get("OPENAI_API_KEY")
+        return os.environ.get(self.api_key_env) or None
 
     def load(self) -> "OpenAICompatibleBackend":
         self._base_url()
-        for name in ("timeout", "backoff", "max_backoff"):
+        if not isinstance(self.api_key_env, str) or not self.api_key_env:
+            raise ValueError(f"api_key_env must name an environment variable, got {self.api_key_env!r}")
+        for name, strict in (("timeout", True), ("backoff", False), ("max_backoff", False)):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (strict and value == 0):
+                raise ValueError(f"{name} must be a {'positive' if strict else 'non-negative'} number of seconds, "
+                                 f"got {value!r}")
         for name, low in (("max_retries", 0), ("batch_size", 1)):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
@@ -208,14 +223,16 @@ class OpenAICompatibleBackend(LanguageModelBackend):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _wait(self, attempt: int, retry_after: str | None) -> float:
+        """Seconds before the next attempt: ``Retry-After`` when valid, else exponential backoff."""
         wait = float(self.backoff) * 2.0**attempt
         if retry_after:
             try:
                 wait = float(retry_after)
             except ValueError:
-                parsed = email.utils.parsedate_to_datetime(retry_after)
-                if parsed is not None:
-                    wait = parsed.timestamp() - time.time()
+                try:
+                    wait = email.utils.parsedate_to_datetime(retry_after).timestamp() - time.time()
+                except (TypeError, ValueError, IndexError, OverflowError):
+                    pass  # malformed: keep the backoff
         return min(max(wait, 0.0), float(self.max_backoff))
 
     def served_model(self) -> str | None:
@@ -226,8 +243,12 @@ class OpenAICompatibleBackend(LanguageModelBackend):
             try:
                 listing = self._request("GET", "/models")
                 self._served_model = listing["data"][0]["id"]
-            except (LLMServerError, KeyError, IndexError, TypeError):
-                self._served_model = ""  # the server does not list models: omit the field
+            except LLMServerError as error:
+                if error.status not in (404, 405, 501):
+                    raise  # a bad key, a timeout, a server down: the scoring requests would fail the same way
+                self._served_model = ""  # the server has no model listing: omit the field
+            except (KeyError, IndexError, TypeError):
+                self._served_model = ""  # a listing without models: omit the field
         return self._served_model or None
 
     # -- scoring ------------------------------------------------------------------------------------
@@ -246,7 +267,7 @@ class OpenAICompatibleBackend(LanguageModelBackend):
             chunk = slice(begin, begin + int(self.batch_size))
             body = {
                 "prompt": prompts[chunk],
-                "max_tokens": 0,
+                "max_tokens": 1,  # the generated token is ignored: see the module notes
                 "echo": True,
                 "logprobs": 1,
                 "temperature": 0.0,
@@ -277,8 +298,8 @@ def _label_logprob(choice, prompt: str, start: int, where: str) -> tuple[float, 
     """Sum of the log-probs of the echoed tokens that cover ``prompt[start:]``."""
     cannot = (
         f"{where} cannot score prompts: it returned no log-probabilities for the prompt's tokens. "
-        "The server must support echo=true with logprobs and max_tokens=0 on /v1/completions "
-        "(vLLM and llama.cpp's server do; the chat API does not)"
+        "The server must return prompt log-probabilities for echo=true with logprobs on /v1/completions "
+        "(vLLM and llama-cpp-python's server do; llama.cpp's llama-server and chat APIs do not)"
     )
     logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
     if not isinstance(logprobs, dict):
@@ -301,7 +322,8 @@ def _label_logprob(choice, prompt: str, start: int, where: str) -> tuple[float, 
         total += float(value)
         count += 1
     if count == 0:
-        raise LLMServerError(cannot.replace("no log-probabilities", "no echoed tokens for the label"))
+        raise LLMServerError(cannot.replace("no log-probabilities for the prompt's tokens",
+                                            "log-probabilities for generated tokens only, none for the prompt's"))
     return total, count
 
 

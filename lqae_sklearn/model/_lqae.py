@@ -55,7 +55,7 @@ class LQAE(nn.Module):
             c.encoder_heads, c.mlp_ratio, c.block, out_dim=lm.hidden_size,
         )
         excluded = lm.excluded_token_ids() if c.codebook_exclude == "special" else []
-        self.quantizer = LanguageQuantizer(lm.codebook, excluded)
+        self.quantizer = LanguageQuantizer(lm.codebook, excluded, rescore_top_k=c.rescore_top_k)
         self.decoder = ViTDecoder(
             c.image_size, c.patch_size, c.in_channels, c.decoder_dim, c.decoder_depth,
             c.decoder_heads, c.mlp_ratio, c.block, in_dim=lm.hidden_size,

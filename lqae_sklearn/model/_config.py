@@ -55,6 +55,10 @@ class LQAEConfig:
         weaker per element than at the paper's 256 px) and the codebook collapsed.
     mlm_weight
         Weight of the masked-token prediction loss against the image's own ids.
+    rescore_top_k
+        The nearest-word search on CUDA: every row is scored in bf16 and the best
+        ``rescore_top_k`` are rescored in float32 (see :class:`LanguageQuantizer`).
+        0 searches all rows in float32, as the CPU always does.
     """
 
     image_size: int = 28
@@ -74,6 +78,7 @@ class LQAEConfig:
     commitment_weight: float = 0.01
     normalize_latents: bool = False
     mlm_weight: float = 1e-4
+    rescore_top_k: int = 8
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -92,6 +97,8 @@ class LQAEConfig:
             raise ValueError(f"codebook_exclude must be 'special' or 'none', got {self.codebook_exclude!r}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if isinstance(self.rescore_top_k, bool) or not isinstance(self.rescore_top_k, int) or self.rescore_top_k < 0:
+            raise ValueError(f"rescore_top_k must be an int >= 0, got {self.rescore_top_k!r}")
 
     @property
     def grid_size(self) -> int:

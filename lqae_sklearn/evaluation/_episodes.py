@@ -232,7 +232,7 @@ class LLMEpisodeRunner:
     ----------
     classifier : LLMFewShotClassifier
         Its ``n_examples_per_class`` and ``random_state`` are set per episode; the
-        rest (prompt, instruction, scoring, max_tokens_per_item, llm) is used as given.
+        rest (prompt, instruction, label_scoring, max_tokens_per_item, llm) is used as given.
         The LLM is loaded once and reused by every episode.
     ids_to_text : callable
         Token ids (n, T) -> list of n strings, e.g. ``LQAETokenizer.ids_to_text``.
@@ -249,7 +249,7 @@ class LLMEpisodeRunner:
     def __init__(self, classifier, ids_to_text, shuffle=None, content_free=None):
         if shuffle is not None and shuffle not in SHUFFLES:
             raise ValueError(f"shuffle must be None or one of {SHUFFLES}, got {shuffle!r}")
-        if content_free is not None and getattr(classifier, "scoring", None) == "channel":
+        if content_free is not None and getattr(classifier, "label_scoring", None) == "channel":
             raise ValueError("content_free calibration divides label probabilities given an empty input; channel "
                              "scoring has no label prior to remove, so it takes content_free=None")
         self.classifier = classifier

@@ -7,23 +7,24 @@ A checkpoint is either a folder::
     model.safetensors  encoder and decoder weights only (the LM is referenced)
 
 or one ``.safetensors`` file whose metadata holds the same JSON under
-``"lqae_config"``. Writes are atomic: a reader sees the old checkpoint or the new
-one, never half of one.
+``"lqae_config"``. Writes never leave half a checkpoint: the files are written
+and flushed under a temporary name, then take the checkpoint's place in one
+rename (a folder is swapped in one step on Linux; see :mod:`lqae_sklearn._atomic`
+for the guarantee elsewhere).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .._atomic import atomic_path, make_temp_dir, replace_dir
 from ._config import LQAEConfig
 from ._language_model import FrozenLanguageModel
 
@@ -34,7 +35,7 @@ WEIGHTS_NAME = "model.safetensors"
 _METADATA_KEY = "lqae_config"
 
 #: The checkpoint shipped inside the package, trained on Fashion-MNIST (see docs/model-card.md).
-DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "fashion-mnist-small-28"
+DEFAULT_CHECKPOINT = Path(__file__).parents[1] / "checkpoints" / "fashion-mnist-small-28"
 
 
 class CheckpointError(ValueError):
@@ -82,15 +83,14 @@ def save_checkpoint(model, path, *, training: dict | None = None, metrics: dict 
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
-        with _atomic_path(path) as tmp:
+        with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata={_METADATA_KEY: json.dumps(config)})
         return path
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp_dir = make_temp_dir(path)
     try:
         save_file(tensors, tmp_dir / WEIGHTS_NAME)
         (tmp_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        _fsync_dir(tmp_dir)
-        _replace_dir(tmp_dir, path)
+        replace_dir(tmp_dir, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
@@ -121,7 +121,7 @@ def load_checkpoint(path, language_model: FrozenLanguageModel | None = None, dev
     ``language_model`` may be passed to share an already loaded LM; it must be the
     one the checkpoint was trained with (same vocabulary and embedding matrix).
     """
-    from ._model import LQAE
+    from ._lqae import LQAE
 
     path = Path(path)
     config = read_checkpoint_config(path)
@@ -190,51 +190,3 @@ def _check_format(config: dict, path: Path) -> None:
             f"{str(path)!r} was written by a newer lqae-sklearn (format_version {version}); this version "
             f"reads up to {FORMAT_VERSION}: upgrade lqae-sklearn"
         )
-
-
-class _atomic_path:
-    """Context manager yielding a temporary path that replaces ``target`` on success."""
-
-    def __init__(self, target: Path):
-        self.target = Path(target)
-
-    def __enter__(self) -> str:
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.target.name}.", dir=self.target.parent)
-        os.close(fd)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            with open(self.tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(self.tmp, self.target)
-            _fsync_dir(self.target.parent)
-        else:
-            Path(self.tmp).unlink(missing_ok=True)
-        return False
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` so that ``path`` holds either its old content or all of ``data``."""
-    with _atomic_path(Path(path)) as tmp:
-        Path(tmp).write_bytes(data)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Put folder ``src`` at ``dst``; an existing ``dst`` is swapped out, then removed."""
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
-        os.replace(dst, old / dst.name)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
-    _fsync_dir(dst.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

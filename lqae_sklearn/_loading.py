@@ -1,0 +1,165 @@
+"""From names to loaded models: devices, checkpoints, and the per-process model caches.
+
+The estimators, the LLM backends and the trainer all resolve devices here, and
+every model held in memory lives in a :class:`ModelCache`: least recently used
+first out, a fixed number of entries, thread-safe. Refits and clones (a grid
+search) therefore reuse weights already loaded instead of reading them again.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Hashable
+
+import torch
+
+from .model import DEFAULT_CHECKPOINT, FrozenLanguageModel, load_checkpoint, read_checkpoint_config
+
+
+# -- devices ---------------------------------------------------------------------------------------
+def resolve_device(device) -> torch.device:
+    """``"auto"`` (or None) -> CUDA when present, else the CPU; anything else must be a device this machine has.
+
+    Raises
+    ------
+    ValueError
+        If ``device`` is not a torch device, or names one this machine lacks.
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be 'auto' or a torch device such as 'cpu' or 'cuda:0', got {device!r}") from exc
+    missing = unavailable_device(resolved)
+    if missing:
+        raise ValueError(f"device={device!r} is not available on this machine ({missing})")
+    return resolved
+
+
+def unavailable_device(device) -> str:
+    """Why ``device`` cannot be used here, or "" when it can (or is "auto", or is no device at all)."""
+    if device is None or device == "auto":
+        return ""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        return ""  # not a device at all: resolve_device reports it
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"only {torch.cuda.device_count()} CUDA device(s)"
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        return "no MPS device"
+    return ""
+
+
+class DeviceWarning(UserWarning):
+    """A pickled estimator asked for a device this machine lacks; it runs on the CPU instead."""
+
+
+def device_here(pickled_device: str, requested, owner: str) -> str:
+    """The device a pickled estimator runs on here: ``requested`` re-resolved, or the CPU with a warning."""
+    missing = unavailable_device(requested)
+    if missing:
+        warnings.warn(
+            f"{owner} was pickled with device={requested!r} (running on {pickled_device!r}), which this machine "
+            f"does not have ({missing}); it runs on the CPU instead (its device parameter is unchanged)",
+            DeviceWarning,
+            stacklevel=4,
+        )
+        return "cpu"
+    return str(resolve_device(requested))  # "auto" pickled on a GPU machine means the CPU here
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+def resolve_checkpoint(checkpoint) -> Path:
+    """A checkpoint argument (None, the name of a shipped one, or a path) -> an existing path."""
+    if checkpoint is None:
+        if not DEFAULT_CHECKPOINT.exists():
+            raise FileNotFoundError(
+                f"the default checkpoint is not installed at {DEFAULT_CHECKPOINT}; pass checkpoint= with the "
+                f"path of a checkpoint written by save_checkpoint"
+            )
+        return DEFAULT_CHECKPOINT
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be None, a checkpoint name or a path, got {checkpoint!r}")
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        shipped = DEFAULT_CHECKPOINT.parent / str(checkpoint)
+        if os.sep not in str(checkpoint) and shipped.exists():
+            return shipped
+        raise FileNotFoundError(
+            f"checkpoint {str(checkpoint)!r} does not exist (neither a path nor a shipped checkpoint)"
+        )
+    return path.resolve()
+
+
+# -- caches ----------------------------------------------------------------------------------------
+class ModelCache:
+    """Loaded models by key: at most ``max_items``, the least recently used dropped first.
+
+    A dropped model stays alive as long as something still holds it; the cache
+    only stops handing it out.
+    """
+
+    def __init__(self, max_items: int):
+        self.max_items = max_items
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.RLock()
+
+    def get(self, key: Hashable, load: Callable[[], object]):
+        """The model under ``key``, calling ``load()`` (under the lock, once) when it is missing."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            value = self._items[key] = load()
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+            return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key) -> bool:
+        return key in self._items
+
+
+#: Autoencoders by (path, weights checksum, device, LM override); frozen LMs by (name, device): one LM per
+#: device, because moving a model moves its LM in place.
+LQAE_MODELS = ModelCache(max_items=4)
+LANGUAGE_MODELS = ModelCache(max_items=4)
+
+
+def cached_lqae(path: Path, device: torch.device, language_model=None):
+    """The LQAE at ``path`` on ``device``, loaded once per (path, weights checksum, device, LM).
+
+    The checksum is the one the checkpoint's config records for its weights (and
+    load_checkpoint verifies), so a checkpoint rewritten in place is loaded afresh
+    even when its files keep their sizes and times.
+    """
+    config = read_checkpoint_config(path)
+    lm_name = str(language_model or config["model"]["language_model"])
+
+    def load():
+        lm = LANGUAGE_MODELS.get((lm_name, str(device)), lambda: FrozenLanguageModel.from_pretrained(lm_name))
+        return load_checkpoint(path, language_model=lm, device=device)
+
+    key = (str(Path(path).resolve()), config["weights_sha256"], str(device), language_model)
+    return LQAE_MODELS.get(key, load)
+
+
+def clear_model_cache() -> None:
+    """Forget every cached autoencoder and language model (frees their memory once unused)."""
+    LQAE_MODELS.clear()
+    LANGUAGE_MODELS.clear()

@@ -1,0 +1,94 @@
+"""Token ids <-> token text: an image's tokens written as the language model's own pieces.
+
+Each image's ids become the LM tokenizer's pieces (``convert_ids_to_tokens``: a
+``##`` prefix marks a WordPiece continuation) joined by single spaces. The
+codebook holds no special or ``[unused]`` tokens and no piece contains
+whitespace, so splitting on whitespace maps a text back to exactly its ids.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class TokenVocabulary:
+    """The pieces of a checkpoint's codebook, for writing ids as text and reading them back.
+
+    Parameters
+    ----------
+    pieces : sequence of str
+        The LM tokenizer's piece for every vocabulary id.
+    allowed_ids : array-like of int
+        The ids the quantizer can choose (the codebook).
+    """
+
+    def __init__(self, pieces, allowed_ids):
+        self.pieces = np.asarray(pieces, dtype=object)
+        self.allowed = np.zeros(len(self.pieces), dtype=bool)
+        self.allowed[np.asarray(allowed_ids)] = True
+        self.lookup = {piece: i for i, piece in enumerate(self.pieces) if self.allowed[i]}
+
+    @classmethod
+    def of(cls, model) -> "TokenVocabulary":
+        """The vocabulary of a loaded :class:`~lqae_sklearn.model.LQAE`."""
+        tokenizer = model.language_model.tokenizer
+        if tokenizer is None:
+            raise ValueError("the checkpoint's language model has no tokenizer, so tokens cannot be written as text")
+        pieces = tokenizer.convert_ids_to_tokens(list(range(model.language_model.vocab_size)))
+        return cls(pieces, model.quantizer.allowed_ids.cpu().numpy())
+
+    def check_ids(self, ids, n_tokens: int, what: str) -> np.ndarray:
+        """``ids`` as int64 (n, n_tokens), every one a codebook token; else a ValueError naming the first bad one."""
+        ids = np.asarray(ids.to_numpy() if hasattr(ids, "to_numpy") else ids)
+        if ids.ndim != 2 or ids.shape[1] != n_tokens:
+            raise ValueError(f"{what} must have shape (n_images, {n_tokens}), got {ids.shape}")
+        if ids.shape[0] == 0:
+            raise ValueError(f"{what} is empty")
+        if not np.issubdtype(ids.dtype, np.integer):
+            if not np.issubdtype(ids.dtype, np.floating) or not np.array_equal(ids, np.round(ids)):
+                raise ValueError(
+                    f"{what} must be integer token ids, got dtype {ids.dtype} (embeddings cannot be turned back "
+                    f"into tokens)"
+                )
+        ids = ids.astype(np.int64)
+        bad = (ids < 0) | (ids >= self.allowed.size)
+        bad[~bad] = ~self.allowed[ids[~bad]]
+        if bad.any():
+            row, col = np.argwhere(bad)[0]
+            raise ValueError(f"{what}[{row}, {col}] = {ids[row, col]} is not a token of the checkpoint's codebook")
+        return ids
+
+    def to_text(self, ids: np.ndarray) -> list[str]:
+        """Checked ids (n, T) -> one string per row."""
+        return [" ".join(row) for row in self.pieces[ids].tolist()]
+
+    def to_ids(self, texts, n_tokens: int) -> np.ndarray:
+        """Strings of ``n_tokens`` codebook pieces each -> int64 ids (n, n_tokens); a ValueError names a bad one."""
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("texts must be a list of strings, one per image, not a single string")
+        texts = list(texts.iloc[:, 0] if hasattr(texts, "columns") else np.asarray(texts, dtype=object).reshape(-1))
+        if not texts:
+            raise ValueError("texts is empty")
+        out = np.empty((len(texts), n_tokens), dtype=np.int64)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] is a {type(text).__name__}, not a string")
+            tokens = text.split()
+            if len(tokens) != n_tokens:
+                raise ValueError(f"texts[{i}] has {len(tokens)} tokens; this checkpoint writes {n_tokens} per image")
+            for j, token in enumerate(tokens):
+                token_id = self.lookup.get(token)
+                if token_id is None:
+                    raise ValueError(f"texts[{i}], token {j} ({token!r}) is not in the checkpoint's codebook")
+                out[i, j] = token_id
+        return out
+
+
+def looks_like_texts(X) -> bool:
+    """Whether ``X`` (non-empty) holds token texts rather than ids."""
+    if hasattr(X, "columns"):
+        return X.shape[1] == 1 and isinstance(X.iloc[0, 0], str)
+    first = X.iloc[0] if hasattr(X, "iloc") else X[0]
+    if isinstance(first, np.ndarray) and first.shape == (1,):  # a (n, 1) column of texts
+        first = first[0]
+    return isinstance(first, str)

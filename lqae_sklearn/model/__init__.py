@@ -1,0 +1,40 @@
+"""The Language Quantized AutoEncoder and its file format: nothing about scikit-learn.
+
+:class:`LQAE` is a ViT encoder, a quantizer onto a frozen language model's word
+embeddings (:class:`FrozenLanguageModel`), the LM itself and a ViT decoder,
+configured by an :class:`LQAEConfig` (named presets in :data:`PRESETS`).
+:func:`save_checkpoint` / :func:`load_checkpoint` write and read it as JSON +
+safetensors.
+"""
+
+from ._checkpoint import (
+    DEFAULT_CHECKPOINT,
+    CheckpointError,
+    load_checkpoint,
+    preprocessing_of,
+    read_checkpoint_config,
+    save_checkpoint,
+)
+from ._config import DEFAULT_LANGUAGE_MODEL, PRESETS, LQAEConfig, preset_config
+from ._language_model import FrozenLanguageModel
+from ._lqae import LQAE, LQAEOutput, pool_tokens, unpool_tokens
+from ._quantizer import LanguageQuantizer
+
+__all__ = [
+    "DEFAULT_CHECKPOINT",
+    "DEFAULT_LANGUAGE_MODEL",
+    "PRESETS",
+    "CheckpointError",
+    "FrozenLanguageModel",
+    "LQAE",
+    "LQAEConfig",
+    "LQAEOutput",
+    "LanguageQuantizer",
+    "load_checkpoint",
+    "pool_tokens",
+    "preprocessing_of",
+    "preset_config",
+    "read_checkpoint_config",
+    "save_checkpoint",
+    "unpool_tokens",
+]
