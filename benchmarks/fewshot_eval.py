@@ -140,8 +140,7 @@ def main(argv=None):
     if args.prompt is not None:
         options["prompt"] = args.prompt.encode().decode("unicode_escape")
     backend = HuggingFaceBackend(device="cpu")
-    recorder = _RecordingBackend(backend)
-    classifier = LLMFewShotClassifier(recorder, **options)
+    classifier = LLMFewShotClassifier(_RecordingBackend(backend), **options)
     channel_options = dict(options, label_scoring="channel")
     channel_options.pop("prompt", None)
     if args.channel_prompt is not None:
@@ -172,9 +171,10 @@ def main(argv=None):
             runner(episode, ids)
             rows = runner.last_proba_.sum(axis=1)  # the classifier's own predict_proba, content-free row included
             worst_row_sum[0] = max(worst_row_sum[0], float(np.abs(rows - 1).max()))
+            last = classifier.backend_.last  # the fitted classifier scores through its own copy of the recorder
             if shuffle is None:
-                llm_scores["last"] = recorder.last
-            scores = recorder.last.logprob if args.scoring == "loglik" else recorder.last.mean()
+                llm_scores["last"] = last
+            scores = last.logprob if args.scoring == "loglik" else last.mean()
             return classifier.classes_[np.argmax(scores[:-1], axis=1)]
         return predict
 

@@ -26,8 +26,15 @@ _UMASK_LOCK = threading.Lock()
 
 
 def current_umask() -> int:
-    """The process's umask (read by setting and restoring it, under a lock)."""
-    with _UMASK_LOCK:
+    """The process's umask: read from /proc on Linux; elsewhere set and restored, under a lock."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _UMASK_LOCK:  # other threads creating files in this instant would get 0o022
         mask = os.umask(0o022)
         os.umask(mask)
     return mask
@@ -80,10 +87,6 @@ def atomic_write_bytes(path, data: bytes) -> None:
     """Write ``data`` so that ``path`` holds either its old content or all of ``data``."""
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(data)
-
-
-def atomic_write_text(path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 @functools.cache

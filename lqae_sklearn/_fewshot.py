@@ -17,6 +17,7 @@ would become long runs of sub-word noise.
 from __future__ import annotations
 
 import copy
+import os
 from numbers import Integral
 
 import numpy as np
@@ -136,7 +137,7 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
     """
 
     _parameter_constraints: dict = {
-        "llm": [None, str, LanguageModelBackend],
+        "llm": [None, str, os.PathLike, LanguageModelBackend],
         "n_examples_per_class": [Interval(Integral, 1, None, closed="left")],
         "prompt": [None, str],
         "instruction": [None, str],
@@ -205,6 +206,8 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : LLMFewShotClassifier
         """
+        for name in ("n_features_in_", "feature_names_in_"):
+            self.__dict__.pop(name, None)  # set again below only for 2-D X
         texts = self._texts(X, reset=True)
         y = column_or_1d(y, warn=True)
         check_consistent_length(texts, y)
@@ -231,12 +234,14 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
                 if round_ < len(shots[k]):
                     order.append((int(shots[k][round_]), k))
 
+        prompt = FewShotPrompt.build(self.prompt, self.label_scoring, label_texts,
+                                     [(texts[i], k) for i, k in order], self.instruction)
+        backend = self._backend(options)  # may fail (a server down): then nothing fitted has changed
         self.classes_ = classes
         self.label_texts_ = label_texts
         self.example_indices_ = np.array([i for i, _ in order], dtype=np.int64)
-        self.prompt_ = FewShotPrompt.build(self.prompt, self.label_scoring, label_texts,
-                                           [(texts[i], k) for i, k in order], self.instruction)
-        self.backend_ = self._backend(options)
+        self.prompt_ = prompt
+        self.backend_ = backend
         return self
 
     def _backend_options(self) -> dict:
@@ -247,7 +252,7 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
                 "$OPENAI_API_KEY, or name another environment variable with llm_options={'api_key_env': ...}"
             )
         is_object = isinstance(self.llm, LanguageModelBackend)
-        is_server = isinstance(self.llm, str) and self.llm.startswith(("http://", "https://"))
+        is_server = isinstance(self.llm, str) and self.llm.startswith(("http://", "https://"))  # a path is local
         if self.batch_size is not None:
             if is_object:
                 raise ValueError("batch_size cannot be set when llm is a backend object; configure the backend")
@@ -259,18 +264,18 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         return options
 
     def _backend(self, options: dict) -> LanguageModelBackend:
-        """The backend for ``llm`` and ``options``: the current one when they did not change (a refit)."""
-        key = (self.llm if not isinstance(self.llm, LanguageModelBackend) else id(self.llm),
-               repr(sorted(options.items(), key=repr)))
-        current = self.__dict__.get("backend_")
-        if current is not None and self.__dict__.get("_backend_key") == key:
+        """The loaded backend for ``llm`` and ``options``: the current one when neither changed (a refit)."""
+        source = (self.llm, repr(sorted(options.items(), key=repr)))
+        current, built_from = self.__dict__.get("backend_"), self.__dict__.get("_backend_source")
+        if current is not None and built_from is not None and built_from[0] is source[0] and built_from[1] == source[1]:
             return current  # refitting with new examples keeps the loaded model
         if isinstance(self.llm, LanguageModelBackend):
             backend = copy.copy(self.llm)  # loading sets state on the backend: never on the caller's object
         else:
-            backend = make_backend(self.llm, **options)
-        self._backend_key = key
-        return backend.load()
+            backend = make_backend(None if self.llm is None else os.fspath(self.llm), **options)
+        backend.load()
+        self._backend_source = source  # only once loaded: a failed load is retried by the next fit
+        return backend
 
     def __setstate__(self, state):
         backend = state.get("backend_")

@@ -199,8 +199,7 @@ def image_source(X, preprocessing: dict):
     """Wrap user input as a sized source of preprocessed batches (float32 (B, C, S, S)).
 
     ``X`` is an array of images (N, H, W[, C]); flat rows (N, H x W x C) of the
-    checkpoint's size, row-major as ``fetch_openml`` and ``load_digits().data``
-    give them (also as a DataFrame of pixel columns); or a list, tuple, object
+    checkpoint's size, row-major (also as a DataFrame of pixel columns); or a list, tuple, object
     array or one-column DataFrame / Series of paths, PIL images or arrays.
     """
     if isinstance(X, (str, bytes, os.PathLike)):

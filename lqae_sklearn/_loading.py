@@ -160,6 +160,8 @@ def cached_lqae(path: Path, device: torch.device, language_model=None):
 
 
 def clear_model_cache() -> None:
-    """Forget every cached autoencoder and language model (frees their memory once unused)."""
-    LQAE_MODELS.clear()
-    LANGUAGE_MODELS.clear()
+    """Forget every cached model: autoencoders, their frozen LMs and the LLMs (freed once unused)."""
+    from .llm._cache import LOADED_MODELS
+
+    for cache in (LQAE_MODELS, LANGUAGE_MODELS, LOADED_MODELS):
+        cache.clear()

@@ -9,6 +9,7 @@ reloads them lazily from the checkpoint path on the machine that unpickles it.
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from numbers import Integral
@@ -129,8 +130,9 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
 
     **Inputs.** ``X`` may be an array of images (N, H, W) or (N, H, W, C) with C
     in 1, 3, 4, uint8 in [0, 255] or float in [0, 1]; flat rows (N, H x W x C)
-    of the checkpoint's own size, row-major as ``fetch_openml`` and
-    ``load_digits().data`` give them (also as a DataFrame of pixel columns); a
+    of the checkpoint's own size, row-major (Fashion-MNIST from
+    ``fetch_openml`` is such rows of 0-255 values: pass them as uint8, or
+    divide by 255), also as a DataFrame of pixel columns; a
     list of file paths, PIL images or arrays (sizes may differ); or a pandas
     Series (or one-column DataFrame) of such items. Images are converted to the
     checkpoint's colour mode and resized (bilinear) to its image size. A bad
@@ -213,7 +215,7 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         """
         for name in [n for n in vars(self) if n.endswith("_") and not n.startswith("__")]:
             delattr(self, name)  # refit forgets the previous checkpoint
-        for name in ("_model", "_vocabulary", "_weights_sha256"):
+        for name in ("_model", "_vocabulary", "_weights_sha256", "_fitted_with"):
             self.__dict__.pop(name, None)
 
         path = resolve_checkpoint(self.checkpoint)
@@ -229,7 +231,7 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         model = cached_lqae(path, device, self.language_model)
 
         self.checkpoint_ = str(path)
-        self.checkpoint_config_ = model.checkpoint_config
+        self.checkpoint_config_ = copy.deepcopy(model.checkpoint_config)  # the cached model's is shared
         self.device_ = str(device)
         self.output_ = self.output
         self.layers_ = resolve_layers(self.layers, model.feature_layer_names(), model.config.encoder_depth,
@@ -239,6 +241,8 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         size, channels = model.config.image_size, model.config.in_channels
         self.image_shape_ = (size, size) if channels == 1 else (size, size, channels)
         self._weights_sha256 = config["weights_sha256"]
+        # What a reload (after unpickling) must ask for again: the values of this fit, not today's parameters.
+        self._fitted_with = {"device": self.device, "language_model": self.language_model}
         self._model = model
         return self
 
@@ -298,7 +302,7 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
                 f"checkpoint {self.checkpoint_!r} has changed since this LQAETokenizer was fitted (its weights "
                 f"checksum differs), so it would not reproduce the same tokens; call fit again to use it"
             )
-        return cached_lqae(path, torch.device(self.device_), self.language_model)
+        return cached_lqae(path, torch.device(self.device_), self._fitted_with["language_model"])
 
     # -- pickling: parameters and small facts only, never weights ---------------------
     def __getstate__(self):
@@ -310,7 +314,8 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
     def __setstate__(self, state):
         state = dict(state)
         if "device_" in state:
-            state["device_"] = device_here(state["device_"], state.get("device", "auto"), type(self).__name__)
+            requested = state["_fitted_with"]["device"]
+            state["device_"] = device_here(state["device_"], requested, type(self).__name__)
         super().__setstate__(state)
 
     # -- transforming ----------------------------------------------------------------

@@ -409,3 +409,12 @@ def test_lqae_fewshot_reads_fashion_mnist_through_the_fetcher_or_says_how_to_get
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.stderr
     assert "Fashion-MNIST test split" in result.stdout and "2-way 1-shot" in result.stdout
+
+
+def test_a_damaged_gzip_in_a_local_folder_is_an_oserror_naming_it(subset_pins, places):
+    _, env, _ = places
+    put_subset(env)
+    damaged = env / "t10k-images-idx3-ubyte.gz"
+    damaged.write_bytes(damaged.read_bytes()[:-30])
+    with pytest.raises(OSError, match=rf"{damaged} is not a complete gzip file.*Delete or replace it"):
+        fetch_fashion_mnist(subset="test", download_if_missing=False)

@@ -389,7 +389,7 @@ def test_cuda_pickle_loads_on_a_cpu_machine_with_a_warning(checkpoint, images):
     tok = LQAETokenizer(checkpoint, batch_size=8).fit()
     expected = tok.transform(images)
     state = tok.__getstate__()
-    state.update(device="cuda", device_="cuda")  # as pickled on a GPU machine with device="cuda"
+    state.update(device="cuda", device_="cuda", _fitted_with={"device": "cuda", "language_model": None})  # fitted on a GPU machine
     gpu_pickle = pickle.dumps(state)
     restored = LQAETokenizer.__new__(LQAETokenizer)
     with pytest.warns(DeviceWarning, match="runs on the CPU"):
@@ -397,13 +397,18 @@ def test_cuda_pickle_loads_on_a_cpu_machine_with_a_warning(checkpoint, images):
     assert restored.device == "cuda" and restored.device_ == "cpu"  # the parameter stays as the user set it
     np.testing.assert_array_equal(restored.transform(images), expected)
     # device="auto" pickled on a GPU machine: CPU here, and no warning needed.
-    state.update(device="auto", device_="cuda")
+    state.update(device="auto", device_="cuda", _fitted_with={"device": "auto", "language_model": None})
     auto = LQAETokenizer.__new__(LQAETokenizer)
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeviceWarning)
         auto.__setstate__(state)
     assert auto.device_ == "cpu"
     np.testing.assert_array_equal(auto.transform(images), expected)
+    # What fit used decides, not a parameter changed afterwards: device="cuda" set after fitting changes nothing.
+    tok.set_params(device="cuda", language_model="/nowhere")
+    again = pickle.loads(pickle.dumps(tok))
+    assert again.device_ == "cpu" and again.device == "cuda"
+    np.testing.assert_array_equal(again.transform(images), expected)
 
 
 def test_unpickled_estimator_refuses_a_changed_or_missing_checkpoint(fitted, images, tmp_path):

@@ -292,10 +292,20 @@ def test_resume_without_a_run_is_refused_and_a_new_run_never_overwrites_one(tmp_
     run = tmp_path / "run"
     shutil.copytree(straight_run, run)
     metrics = (run / "metrics.jsonl").read_bytes()
-    with reusing(minilm), pytest.raises(ResumeError, match="already holds a training run .* pass --resume"):
+    with reusing(minilm), pytest.raises(ResumeError, match="already holds a training run .*; pass --resume"):
         train(run_config(run, npy_data))
     assert (run / "metrics.jsonl").read_bytes() == metrics  # untouched
 
     result = subprocess.run([str(LQAE_TRAIN), "--data", str(npy_data), "--out", str(empty), "--resume",
                              "--steps", "2", "--no-progress"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "nothing to resume in" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resume_refuses_settings_the_checkpoint_would_silently_override(tmp_path, straight_run, npy_data, minilm):
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    for change, message in [({"weight_decay": 0.1}, "weight_decay was 0.0005, now 0.1"),
+                            ({"betas": (0.8, 0.9)}, r"betas was \[0.9, 0.95\], now \(0.8, 0.9\)"),
+                            ({"model_overrides": {**TINY_OVERRIDES, "mask_ratio": 0.3}}, "model_overrides was")]:
+        with reusing(minilm), pytest.raises(ResumeError, match=message):
+            train(run_config(run, npy_data, steps=8, resume=True, **change))

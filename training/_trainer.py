@@ -87,7 +87,10 @@ class TrainConfig:
 
 
 # The settings that must not change across a resume, or the run is no longer the same run.
-_RESUME_INVARIANTS = ("data", "batch_size", "accumulation", "seed", "augment", "crop_scale", "hflip", "preset")
+# model_overrides, betas and weight_decay come back from the checkpoint and the optimizer state, so a new value
+# would be ignored while the next checkpoint recorded it.
+_RESUME_INVARIANTS = ("data", "batch_size", "accumulation", "seed", "augment", "crop_scale", "hflip", "preset",
+                      "model_overrides", "betas", "weight_decay")
 
 
 @dataclass
@@ -248,11 +251,11 @@ def _check_resume(cfg: TrainConfig, out_dir: Path, ckpt_dir: Path) -> None:
             f"nothing to resume in {out_dir}: {ckpt_dir} holds no checkpoint with training state; run without "
             f"--resume to start a new run there"
         )
-    metrics = out_dir / "metrics.jsonl"
-    if not cfg.resume and (has_training_state(ckpt_dir) or (metrics.is_file() and metrics.stat().st_size)):
+    if not cfg.resume and has_training_state(ckpt_dir):
+        # (A run that died before its first checkpoint left nothing to resume: starting again is allowed.)
         raise ResumeError(
-            f"{out_dir} already holds a training run ({ckpt_dir.name}/ or metrics.jsonl); pass --resume to "
-            f"continue it, or choose another --out: a new run would overwrite it"
+            f"{out_dir} already holds a training run ({ckpt_dir}); pass --resume to continue it, or choose "
+            f"another --out: a new run would overwrite it and its metrics.jsonl"
         )
 
 

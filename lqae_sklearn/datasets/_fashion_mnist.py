@@ -160,8 +160,9 @@ def fetch_fashion_mnist(
 def load_fashion_mnist(split="train", path=None):
     """Deprecated: use :func:`fetch_fashion_mnist` with ``return_X_y=True``.
 
-    ``path`` (a folder of idx files) becomes the ``LQAE_FASHION_MNIST``
-    environment variable, or ``data_home`` for the download cache.
+    With ``path=None`` this is ``fetch_fashion_mnist(subset=split, return_X_y=True)``
+    (which may download). With a folder, it reads and checks that folder's idx
+    files only; to use a folder with the fetcher, name it in ``$LQAE_FASHION_MNIST``.
     """
     warnings.warn(
         "load_fashion_mnist is deprecated and will be removed; use "
@@ -222,7 +223,10 @@ _HOW_TO_PROVIDE = (
 
 
 def _read_verified(path: Path, spec: IdxFile) -> np.ndarray:
-    data = read_idx_bytes(path)
+    try:
+        data = read_idx_bytes(path)
+    except ValueError as exc:  # a damaged gzip stream
+        raise OSError(f"{exc}. Delete or replace it.") from exc
     digest = hashlib.sha256(data).hexdigest()
     if digest != spec.sha256:
         raise OSError(
