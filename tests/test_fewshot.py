@@ -408,3 +408,11 @@ def test_pipeline_with_lqae_tokenizer_on_images(tmp_path):
     np.testing.assert_allclose(proba, fewshot.predict_proba(text), rtol=1e-6)
     assert np.ptp(np.log(proba[:, 0])) > 1e-3  # log scale: the tiny model is very sure of one label
     np.testing.assert_array_equal(pipe.predict(images[test]), fewshot.classes_[proba.argmax(1)])
+
+
+def test_both_estimators_share_defaults_for_the_same_concepts():
+    from lqae_sklearn import LQAETokenizer
+
+    tok, clf = LQAETokenizer().get_params(), LLMFewShotClassifier().get_params()
+    assert tok["device"] == clf["device"] == "auto"
+    assert tok["batch_size"] is None and clf["batch_size"] is None  # each engine's own default

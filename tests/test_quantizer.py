@@ -1,4 +1,4 @@
-"""The frozen-codebook quantizer: exact cosine search, exclusions, chunking, straight-through."""
+"""The frozen-codebook quantizer: cosine search (exact, and bf16 + rescoring), exclusions, chunking, straight-through."""
 
 from __future__ import annotations
 
@@ -8,9 +8,18 @@ import torch
 import torch.nn.functional as F
 
 from lqae_sklearn import LQAE
-from lqae_sklearn.model import LanguageQuantizer
+from lqae_sklearn.model import LanguageQuantizer, _quantizer
 
 from conftest import tiny_config
+
+
+@pytest.fixture(autouse=True, params=["float32", "bf16"])
+def cpu_search(request, monkeypatch):
+    """Every test runs with both CPU searches: exact float32, and bf16 with float32 rescoring."""
+    monkeypatch.setenv("LQAE_CPU_SEARCH", request.param)
+    _quantizer.cpu_bf16_search.cache_clear()
+    yield request.param
+    _quantizer.cpu_bf16_search.cache_clear()
 
 
 def brute_force_nearest(x: torch.Tensor, codebook: torch.Tensor, excluded) -> torch.Tensor:
@@ -193,3 +202,28 @@ def test_cuda_search_equals_the_cpu_float32_search():
     assert torch.equal(cuda.nearest(x.cuda()).cpu(), cpu)
     cuda.rescore_top_k = 0  # the all-float32 search on the GPU
     assert torch.equal(cuda.nearest(x.cuda()).cpu(), cpu)
+
+
+def test_the_cpu_search_follows_the_setting(monkeypatch):
+    calls = []
+    codebook = torch.randn(300, 32, generator=torch.Generator().manual_seed(7))
+    quantizer = LanguageQuantizer(codebook)
+    monkeypatch.setattr(quantizer, "_nearest_rescored", lambda flat: calls.append("bf16") or quantizer._nearest_exact(flat))
+
+    def searches(setting, top_k=8):
+        if setting is None:
+            monkeypatch.delenv("LQAE_CPU_SEARCH", raising=False)
+        else:
+            monkeypatch.setenv("LQAE_CPU_SEARCH", setting)
+        _quantizer.cpu_bf16_search.cache_clear()
+        calls.clear()
+        quantizer.rescore_top_k = top_k
+        quantizer.nearest(torch.randn(4, 32))
+        return calls == ["bf16"]
+
+    assert not searches(None)  # the exact search by default
+    assert searches("bf16") and not searches("float32")
+    assert searches("auto") == _quantizer.cpu_bf16_is_faster()  # measured
+    assert not searches("bf16", top_k=0)  # rescore_top_k=0: exact everywhere
+    with pytest.raises(ValueError, match="LQAE_CPU_SEARCH must be float32, bf16 or auto"):
+        searches("fast")
