@@ -17,7 +17,7 @@ from typing import Callable, Hashable
 
 import torch
 
-from .model import DEFAULT_CHECKPOINT, FrozenLanguageModel, load_checkpoint, read_checkpoint_config
+from .model import DEFAULT_CHECKPOINT, FrozenLanguageModel, load_checkpoint
 
 
 # -- devices ---------------------------------------------------------------------------------------
@@ -141,14 +141,13 @@ LQAE_MODELS = ModelCache(max_items=4)
 LANGUAGE_MODELS = ModelCache(max_items=4)
 
 
-def cached_lqae(path: Path, device: torch.device, language_model=None):
+def cached_lqae(path: Path, config: dict, device: torch.device, language_model=None):
     """The LQAE at ``path`` on ``device``, loaded once per (path, weights checksum, device, LM).
 
     The checksum is the one the checkpoint's config records for its weights (and
     load_checkpoint verifies), so a checkpoint rewritten in place is loaded afresh
-    even when its files keep their sizes and times.
+    even when its files keep their sizes and times. ``config`` is the checkpoint's, as the caller read it.
     """
-    config = read_checkpoint_config(path)
     lm_name = str(language_model or config["model"]["language_model"])
 
     def load():

@@ -228,7 +228,7 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         if X is not None:
             self._check_fit_input(X, config)
         device = resolve_device(self.device)
-        model = cached_lqae(path, device, self.language_model)
+        model = cached_lqae(path, config, device, self.language_model)
 
         self.checkpoint_ = str(path)
         self.checkpoint_config_ = copy.deepcopy(model.checkpoint_config)  # the cached model's is shared
@@ -302,7 +302,7 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
                 f"checkpoint {self.checkpoint_!r} has changed since this LQAETokenizer was fitted (its weights "
                 f"checksum differs), so it would not reproduce the same tokens; call fit again to use it"
             )
-        return cached_lqae(path, torch.device(self.device_), self._fitted_with["language_model"])
+        return cached_lqae(path, config, torch.device(self.device_), self._fitted_with["language_model"])
 
     # -- pickling: parameters and small facts only, never weights ---------------------
     def __getstate__(self):
