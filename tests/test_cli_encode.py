@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 from lqae_sklearn.model import DEFAULT_CHECKPOINT
-from lqae_sklearn.cli._decode import WORKER_DIED, DecodePipeline, decode_file
-from lqae_sklearn.cli._discovery import Item, discover, in_shard
-from lqae_sklearn.cli._jsonl import iter_records, repair_torn_tail
+from lqae_sklearn.encoding._decode import WORKER_DIED, DecodePipeline, decode_file
+from lqae_sklearn.encoding._discovery import Item, discover, in_shard
+from lqae_sklearn.encoding._jsonl import iter_records, repair_torn_tail
 
 from conftest import fashion_mnist_subset
 from test_images import write_bilevel_png

@@ -64,7 +64,7 @@ def discover(sources, *, stdin_paths=None, extensions=None, exclude=()) -> Disco
         Lower-case extensions without the dot; when given, a folder walk keeps only
         files with one of them (explicit files and stdin paths are always kept).
     exclude : iterable of (st_dev, st_ino)
-        Files never to encode (the run's own output files).
+        Files and folders never to encode or walk (the run's own output).
     """
     found = Discovery()
     exclude = set(exclude)
@@ -110,6 +110,8 @@ def _walk(root: str, root_id, found: Discovery, extensions, exclude) -> None:
                 continue
             if stat.S_ISDIR(st.st_mode):
                 identity = (st.st_dev, st.st_ino)
+                if identity in exclude:  # the run's own output folder, inside the folder it encodes
+                    continue
                 if identity in ancestors:
                     found.errors.append(
                         (Item(entry.path, rel_key), "symlink loop: this folder link leads back to a folder above it")

@@ -1,0 +1,67 @@
+"""The Python side of corpus encoding: encode_dataset and BatchEncoder, without a Ray cluster."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lqae_sklearn import LQAETokenizer
+from lqae_sklearn.encoding import BatchEncoder, EncodeError, encode_dataset
+
+from test_cli_encode import checkpoint, fashion  # noqa: F401 - fixtures
+
+
+@pytest.fixture
+def folder(tmp_path, fashion):
+    root = tmp_path / "images"
+    (root / "boots").mkdir(parents=True)
+    for i in range(5):
+        Image.fromarray(fashion[0][i]).save(root / "boots" / f"{i}.png")
+    (root / "boots" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_encode_dataset_writes_resumes_and_reports(tmp_path, folder, checkpoint, fashion):
+    pq = pytest.importorskip("pyarrow.parquet")
+    out = tmp_path / "tokens.parquet"
+    first = encode_dataset(folder, out, checkpoint=checkpoint, labels_from_dirs=True, part_size=2)
+    assert first == {"encoded": 5, "already": 0, "failed": 1, "interrupted": False}
+    table = pq.read_table(out)
+    assert table.num_rows == 5 and set(table["label"].to_pylist()) == {"boots"}
+    tokenizer = LQAETokenizer(checkpoint=checkpoint, device="cpu").fit()
+    by_path = dict(zip(table["path"].to_pylist(), table["ids"].to_pylist()))
+    expected = tokenizer.transform(fashion[0][:5])
+    for i in range(5):
+        assert by_path[str(folder / "boots" / f"{i}.png")] == expected[i].tolist()
+    assert json.loads((out / "_errors.jsonl").read_text())["reason"].startswith("not an image")
+
+    again = encode_dataset([str(folder)], out, checkpoint=checkpoint, labels_from_dirs=True, part_size=2)
+    assert again == {"encoded": 0, "already": 5, "failed": 1, "interrupted": False}
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"outputs": ("ids", "pixels")}, "pixels not among"),
+    ({"engine": "spark"}, "'spark' is not one of"),
+    ({"format": "csv"}, "'csv' is not one of"),
+])
+def test_encode_dataset_names_what_is_wrong(tmp_path, folder, checkpoint, kwargs, fragment):
+    with pytest.raises(EncodeError, match=fragment) as info:
+        encode_dataset(folder, tmp_path / "out.jsonl", checkpoint=checkpoint, **kwargs)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(ValueError, match="does not exist"):
+        encode_dataset(tmp_path / "missing", tmp_path / "out.jsonl", checkpoint=checkpoint)
+
+
+def test_batch_encoder_adds_the_tokenizer_outputs_as_columns(checkpoint, fashion):
+    tokenizer = LQAETokenizer(checkpoint=checkpoint, output="text", device="cpu")  # not fitted: fitted inside
+    encoder = BatchEncoder(tokenizer, outputs=("ids", "text"))
+    images = fashion[0][:6]
+    batch = encoder({"image": images, "id": np.arange(6)})
+    np.testing.assert_array_equal(batch["id"], np.arange(6))
+    fitted = LQAETokenizer(checkpoint=checkpoint, output="ids", device="cpu").fit()
+    np.testing.assert_array_equal(batch["ids"], fitted.transform(images))
+    assert list(batch["text"]) == fitted.set_params(output="text").fit().transform(images)
+    assert BatchEncoder(tokenizer)({"image": images})["text"].shape == (6,)  # default: the tokenizer's output
+    with pytest.raises(KeyError, match="no column 'image'.*pixels"):
+        encoder({"pixels": images})
