@@ -141,3 +141,34 @@ def test_an_output_folder_inside_the_images_is_not_encoded(tmp_path, corpus, che
         assert result.returncode == 0, result.stderr.decode()
     assert len(parquet_rows(images / "tokens.parquet")) == 6
     assert "6 already in" in result.stderr.decode() and "0 failed" in result.stderr.decode()
+
+
+def test_a_killed_runs_late_commit_is_fenced_and_dropped(tmp_path):
+    """A worker of a killed run may still rename a part into place after a new run read what is done:
+    the new run's fence refuses it, and a part that slipped past the fence is removed at the end."""
+    import pyarrow as pa
+
+    from lqae_sklearn.encoding._outputs import ParquetOutput, commit_part
+
+    def part(paths):
+        return pa.table({"path": paths, "path_bytes_b64": pa.array([None] * len(paths), pa.string())})
+
+    folder = tmp_path / "tokens"
+    first = ParquetOutput(str(folder))
+    first.prepare()
+    commit_part(part(["a.png"]), first.part_path(first.run, 0))
+
+    second = ParquetOutput(str(folder))  # the rerun after the kill
+    second.prepare()
+    assert second.run == 1 and (folder / "_run").read_text() == "1\n"
+    assert second.done_keys() == {b"a.png"}
+    commit_part(part(["b.png"]), second.part_path(0, 1))  # the old worker, after the rerun read the parts
+    (folder / ".part-00000-000002.parquet.x1").write_bytes(b"half a part")  # and one it was still writing
+    commit_part(part(["b.png"]), second.part_path(second.run, 0))  # the rerun encodes b.png itself
+    second.finish(complete=True)
+
+    assert sorted(p.name for p in folder.iterdir() if "part" in p.name) == [
+        "part-00000-000000.parquet", "part-00001-000000.parquet"]
+    assert sorted(pq.read_table(folder)["path"].to_pylist()) == ["a.png", "b.png"]
+    manifest = json.loads((folder / "_manifest.json").read_text())
+    assert manifest["rows"] == 2 and manifest["complete"] is True

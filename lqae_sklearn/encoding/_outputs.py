@@ -172,14 +172,36 @@ class ParquetOutput:
                 f"{self.out!r} holds files lqae-encode did not write ({shown}); Parquet readers would mix them "
                 f"into the data set, so give an empty or new folder"
             )
-        for path in self.folder.glob(".part-*"):  # a part whose writer was killed before its rename
-            path.unlink()
-
-    def created(self) -> None:
-        """Claim a run number: parts of this run are named after it, and only it may commit."""
+        # Claim a run number before reading what is done: parts of this run are named
+        # after it, and from now on a worker of an earlier run may not commit.
         self.run = self.next_run()
         atomic_write_bytes(self.run_path, f"{self.run}\n".encode())
+        self._remove_leftovers()
+        self.parts_at_start = {p.name for p in self.parts()}
+
+    def created(self) -> None:
         self.write_manifest(complete=False)
+
+    def finish(self, complete: bool) -> None:
+        """Drop what a killed earlier run's workers left after this run started, then write the manifest.
+
+        The fence (``_run``) stops such a worker from committing, except in the moment
+        between its check and its rename: a part of an earlier run that appeared after
+        this run read the done images holds images this run encoded again, so it goes.
+        """
+        self._remove_leftovers(stragglers=True)
+        self.write_manifest(complete)
+
+    def _remove_leftovers(self, stragglers: bool = False) -> None:
+        for path in self.folder.glob(".part-*"):  # a part whose writer was killed before its rename
+            match = PART_PATTERN.match(path.name[1:])
+            if match is None or int(match.group(1)) < self.run:
+                path.unlink(missing_ok=True)
+        if stragglers:
+            for path in self.parts():
+                run = int(PART_PATTERN.fullmatch(path.name).group(1))
+                if run < self.run and path.name not in self.parts_at_start:
+                    path.unlink(missing_ok=True)
 
     def done_keys(self) -> set[bytes]:
         import pyarrow.parquet as pq
@@ -213,6 +235,7 @@ class ParquetOutput:
     def write_manifest(self, complete: bool) -> None:
         import pyarrow.parquet as pq
 
+        self._rows = {name: rows for name, rows in self._rows.items() if (self.folder / name).exists()}
         for part in self.parts():
             if part.name not in self._rows:
                 self._rows[part.name] = pq.read_metadata(part).num_rows

@@ -112,7 +112,7 @@ class EncodeRun:
         finally:
             self._finish_errors()
             if self.output.format == "parquet":
-                self.output.write_manifest(complete=self.stop_signal is None)
+                self.output.finish(complete=self.stop_signal is None)
         return self._summary()
 
     def _validate(self) -> None:
