@@ -330,7 +330,7 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        ndarray of int64 (n, n_tokens_), list of str, or ndarray of float32 (n, n_features)
+        ndarray of int64 ``(n, n_tokens_)``, list of str, or ndarray of float32 (n, n_features)
             Token ids, token texts or embeddings, by ``output``.
         """
         check_is_fitted(self)
@@ -406,11 +406,11 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         return vocab
 
     def ids_to_text(self, ids) -> list[str]:
-        """Token ids (N, n_tokens_) -> one string per row: the LM's pieces joined by single spaces.
+        """Token ids ``(N, n_tokens_)`` -> one string per row: the LM's pieces joined by single spaces.
 
         Parameters
         ----------
-        ids : array-like of int of shape (n_images, n_tokens_)
+        ids : array-like of int of shape ``(n_images, n_tokens_)``
             Token ids, as ``transform`` returns them with ``output="ids"``.
 
         Returns
@@ -422,7 +422,7 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         return self._vocab().to_text(self._vocab().check_ids(ids, self.n_tokens_, "ids"))
 
     def text_to_ids(self, texts) -> np.ndarray:
-        """Inverse of :meth:`ids_to_text`: strings -> int64 ids (N, n_tokens_).
+        """Inverse of :meth:`ids_to_text`: strings -> int64 ids ``(N, n_tokens_)``.
 
         Each text must hold exactly ``n_tokens_`` codebook pieces separated by
         whitespace; anything else raises a ValueError naming the text and token.
@@ -434,18 +434,18 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        ndarray of int64 of shape (n_images, n_tokens_)
+        ndarray of int64 of shape ``(n_images, n_tokens_)``
             The token ids.
         """
         check_is_fitted(self)
         return self._vocab().to_ids(texts, self.n_tokens_)
 
     def inverse_transform(self, X):
-        """Token ids (N, n_tokens_) or token texts -> reconstructed images.
+        """Token ids ``(N, n_tokens_)`` or token texts -> reconstructed images.
 
         Parameters
         ----------
-        X : array-like of int (N, n_tokens_), or a list / (N, 1) column of token texts
+        X : array-like of int ``(N, n_tokens_)``, or a list / (N, 1) column of token texts
             The tokens of each image, as ``transform`` returns them with
             ``output="ids"`` or ``output="text"``.
 
