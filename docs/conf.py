@@ -91,6 +91,7 @@ html_theme = "pydata_sphinx_theme"
 html_title = f"lqae-sklearn {release}"
 html_theme_options = {
     "navigation_with_keys": False,
+    "header_links_before_dropdown": 4,  # the Markdown pages' long titles go under "More"
     "show_toc_level": 2,
     "secondary_sidebar_items": ["page-toc"],
 }

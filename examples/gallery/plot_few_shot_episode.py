@@ -46,6 +46,7 @@ print(few_shot[-1].prompt_prefix_)
 query = sorted((folder / "sneaker").glob("*.png"))[1]
 display = FewShotEpisodeDisplay.from_estimator(few_shot, support, labels, query, query_label="dax")
 plt.show()
+print("predicted:", few_shot.classes_[display.proba.argmax()], "- right answer: dax")
 
 # %%
 # The other two held-out images, scored in one call:
