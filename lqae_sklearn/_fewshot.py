@@ -134,6 +134,17 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
     order, then the next round, so that no class sits only at the end of the prompt.
     With a local model, the demonstrations' keys and values are computed once and
     reused for every query (see ``benchmarks/fewshot_speed.py``).
+
+    Examples
+    --------
+    >>> from sklearn.pipeline import make_pipeline
+    >>> from lqae_sklearn import LLMFewShotClassifier, LQAETokenizer
+    >>> X = ["examples/fashion-mnist/bag/00018.png", "examples/fashion-mnist/sneaker/00012.png"]
+    >>> few_shot = make_pipeline(LQAETokenizer(output="text", token_grid=3),
+    ...                          LLMFewShotClassifier(label_scoring="channel", random_state=0))
+    >>> few_shot.fit(X, ["dax", "blicket"])  # doctest: +SKIP
+    >>> few_shot.predict_proba(["examples/fashion-mnist/bag/00030.png"]).shape  # doctest: +SKIP
+    (1, 2)
     """
 
     _parameter_constraints: dict = {
@@ -205,6 +216,7 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         Returns
         -------
         self : LLMFewShotClassifier
+            The fitted classifier.
         """
         for name in ("n_features_in_", "feature_names_in_"):
             self.__dict__.pop(name, None)  # set again below only for 2-D X
@@ -318,9 +330,19 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
     def format_prompt(self, text: str, label=None) -> str:
         """The exact text the LLM reads for ``text``: the prompt, then ``label`` scored after it.
 
-        With ``label=None``, the prompt up to the scored part (direct scorings only:
-        the LLM is asked for a label). With a class, the whole text whose last part,
-        the label (direct) or the input (channel), is scored.
+        Parameters
+        ----------
+        text : str
+            One query text.
+        label : object or None, default=None
+            One of ``classes_``. None gives the prompt up to the scored part (direct
+            scorings only: the LLM is asked for a label). With a class, the whole text
+            whose last part, the label (direct) or the input (channel), is scored.
+
+        Returns
+        -------
+        str
+            The prompt text.
         """
         check_is_fitted(self)
         (text,) = self._texts([text], reset=False)
@@ -334,8 +356,18 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
     def scoring_requests(self, X) -> tuple[list[str], list[str]]:
         """What :meth:`predict_proba` asks the backend to score after ``prompt_prefix_``.
 
-        Returns ``(queries, continuations)``: the backend scores every continuation
-        after every ``prompt_prefix_ + query`` (see :meth:`FewShotPrompt.requests`).
+        Parameters
+        ----------
+        X : array-like of str of shape (n_samples,), or 2-D array-like of tokens
+            Query texts.
+
+        Returns
+        -------
+        queries : list of str
+            The text appended to ``prompt_prefix_`` for each query.
+        continuations : list of str
+            The continuations scored after every ``prompt_prefix_ + query`` (see
+            :meth:`FewShotPrompt.requests`).
         """
         check_is_fitted(self)
         return self.prompt_.requests(self._texts(X, reset=False))
@@ -350,13 +382,17 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         return result.logprob if scoring == "loglik" else result.mean()
 
     def decision_function(self, X):
-        """Class scores: each label's log-likelihood after the query's prompt, or, for channel
-        scoring, the query's log-likelihood after each label.
+        """Class scores: log-likelihoods of each label after the query, or of the query after each label (channel).
+
+        Parameters
+        ----------
+        X : array-like of str of shape (n_samples,), or 2-D array-like of tokens
+            Query texts.
 
         Returns
         -------
-        scores : ndarray of shape (n_samples, n_classes), or (n_samples,) for two
-            classes (score of ``classes_[1]`` minus that of ``classes_[0]``).
+        scores : ndarray of shape (n_samples, n_classes), or (n_samples,)
+            For two classes, the score of ``classes_[1]`` minus that of ``classes_[0]``.
         """
         scores = self._scores(X)
         return scores[:, 1] - scores[:, 0] if len(self.classes_) == 2 else scores
@@ -364,19 +400,47 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X):
         """Softmax over classes of the class scores.
 
+        Parameters
+        ----------
+        X : array-like of str of shape (n_samples,), or 2-D array-like of tokens
+            Query texts.
+
         Returns
         -------
         proba : ndarray of shape (n_samples, n_classes)
+            Class probabilities in the order of ``classes_``; rows sum to 1.
         """
         return np.exp(self.predict_log_proba(X))
 
     def predict_log_proba(self, X):
-        """Log of :meth:`predict_proba`."""
+        """Log of :meth:`predict_proba`.
+
+        Parameters
+        ----------
+        X : array-like of str of shape (n_samples,), or 2-D array-like of tokens
+            Query texts.
+
+        Returns
+        -------
+        log_proba : ndarray of shape (n_samples, n_classes)
+            Log class probabilities in the order of ``classes_``.
+        """
         scores = self._scores(X)
         top = scores.max(axis=1, keepdims=True)
         return scores - (top + np.log(np.exp(scores - top).sum(axis=1, keepdims=True)))
 
     def predict(self, X):
-        """The class whose score is highest for each query (never an unseen label)."""
+        """The class whose score is highest for each query (never an unseen label).
+
+        Parameters
+        ----------
+        X : array-like of str of shape (n_samples,), or 2-D array-like of tokens
+            Query texts.
+
+        Returns
+        -------
+        y_pred : ndarray of shape (n_samples,)
+            Predicted classes, values of ``classes_``.
+        """
         scores = self._scores(X)  # checks fitted-ness before classes_ is read
         return self.classes_[np.argmax(scores, axis=1)]

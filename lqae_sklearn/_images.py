@@ -38,7 +38,29 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class ImageLoadError(ValueError):
-    """An image that cannot be read; ``item`` names it, ``reason`` says why."""
+    """An image that cannot be read; ``item`` names it, ``reason`` says why.
+
+    Raised by :class:`LQAETokenizer` (``transform``, ``encode``) for an item of
+    ``X`` that is not a readable image, so that one bad file can be reported
+    (and skipped, as ``lqae-encode`` does) without losing the others. It is a
+    ``ValueError``.
+
+    Parameters
+    ----------
+    item : str
+        The offending item: ``X[i]``, with the file path when there is one.
+    reason : str
+        Why it cannot be read ("no such file", "not an image ...", ...).
+
+    Examples
+    --------
+    >>> from lqae_sklearn import ImageLoadError, LQAETokenizer
+    >>> try:
+    ...     LQAETokenizer().fit().transform(["no/such/file.png"])
+    ... except ImageLoadError as error:
+    ...     print(error.reason)
+    no such file
+    """
 
     def __init__(self, item, reason: str):
         self.item = item

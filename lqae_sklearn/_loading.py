@@ -60,7 +60,18 @@ def unavailable_device(device) -> str:
 
 
 class DeviceWarning(UserWarning):
-    """A pickled estimator asked for a device this machine lacks; it runs on the CPU instead."""
+    """A pickled estimator asked for a device this machine lacks; it runs on the CPU instead.
+
+    Issued when an estimator fitted on a GPU (``device="cuda"``) is unpickled on a
+    machine without one: the estimator then reloads its model on the CPU, and its
+    results are the same up to floating-point rounding.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> from lqae_sklearn import DeviceWarning
+    >>> warnings.simplefilter("error", DeviceWarning)  # make a silent CPU fallback an error
+    """
 
 
 def device_here(pickled_device: str, requested, owner: str) -> str:
@@ -159,7 +170,18 @@ def cached_lqae(path: Path, config: dict, device: torch.device, language_model=N
 
 
 def clear_model_cache() -> None:
-    """Forget every cached model: autoencoders, their frozen LMs and the LLMs (freed once unused)."""
+    """Forget every cached model: autoencoders, their frozen LMs and the LLMs (freed once unused).
+
+    Estimators that load the same checkpoint or LLM on the same device share one
+    copy per process; this drops the cache's references, so the memory is freed
+    once no fitted estimator holds the models. Estimators that still hold one
+    keep working; the next ``fit`` loads afresh.
+
+    Examples
+    --------
+    >>> from lqae_sklearn import clear_model_cache
+    >>> clear_model_cache()
+    """
     from .llm._cache import LOADED_MODELS
 
     for cache in (LQAE_MODELS, LANGUAGE_MODELS, LOADED_MODELS):

@@ -212,6 +212,7 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         Returns
         -------
         self : LQAETokenizer
+            The fitted tokenizer.
         """
         for name in [n for n in vars(self) if n.endswith("_") and not n.startswith("__")]:
             delattr(self, name)  # refit forgets the previous checkpoint
@@ -329,7 +330,8 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        ndarray of int64 (n, n_tokens_), list of str, or ndarray of float32 (n, n_features)
+        ndarray of int64 ``(n, n_tokens_)``, list of str, or ndarray of float32 (n, n_features)
+            Token ids, token texts or embeddings, by ``output``.
         """
         check_is_fitted(self)
         return self.encode(X, (self.output_,))[self.output_]
@@ -404,30 +406,54 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         return vocab
 
     def ids_to_text(self, ids) -> list[str]:
-        """Token ids (N, n_tokens_) -> one string per row: the LM's pieces joined by single spaces."""
+        """Token ids ``(N, n_tokens_)`` -> one string per row: the LM's pieces joined by single spaces.
+
+        Parameters
+        ----------
+        ids : array-like of int of shape ``(n_images, n_tokens_)``
+            Token ids, as ``transform`` returns them with ``output="ids"``.
+
+        Returns
+        -------
+        list of str
+            One text per row.
+        """
         check_is_fitted(self)
         return self._vocab().to_text(self._vocab().check_ids(ids, self.n_tokens_, "ids"))
 
     def text_to_ids(self, texts) -> np.ndarray:
-        """Inverse of :meth:`ids_to_text`: strings -> int64 ids (N, n_tokens_).
+        """Inverse of :meth:`ids_to_text`: strings -> int64 ids ``(N, n_tokens_)``.
 
         Each text must hold exactly ``n_tokens_`` codebook pieces separated by
         whitespace; anything else raises a ValueError naming the text and token.
+
+        Parameters
+        ----------
+        texts : list of str
+            Token texts, one per image.
+
+        Returns
+        -------
+        ndarray of int64 of shape ``(n_images, n_tokens_)``
+            The token ids.
         """
         check_is_fitted(self)
         return self._vocab().to_ids(texts, self.n_tokens_)
 
     def inverse_transform(self, X):
-        """Token ids (N, n_tokens_) or token texts -> reconstructed images.
+        """Token ids ``(N, n_tokens_)`` or token texts -> reconstructed images.
 
         Parameters
         ----------
-        X : array-like of int (N, n_tokens_), or a list / (N, 1) column of token texts
+        X : array-like of int ``(N, n_tokens_)``, or a list / (N, 1) column of token texts
+            The tokens of each image, as ``transform`` returns them with
+            ``output="ids"`` or ``output="text"``.
 
         Returns
         -------
-        images : float32 ndarray (N, H, W) for grayscale checkpoints, (N, H, W, 3)
-            for RGB ones, in [0, 1].
+        images : ndarray of float32
+            Shape (N, H, W) for grayscale checkpoints, (N, H, W, 3) for RGB ones,
+            values in [0, 1].
         """
         check_is_fitted(self)
         if not isinstance(X, (str, bytes)) and len(X) and looks_like_texts(X):
@@ -460,6 +486,7 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         Returns
         -------
         feature_names_out : ndarray of str objects
+            One name per output column.
         """
         check_is_fitted(self)
         _check_feature_names_in(self, input_features, generate_names=False)

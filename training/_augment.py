@@ -21,7 +21,31 @@ def random_resized_crop(
 ) -> torch.Tensor:
     """Crop a random box of ``scale`` x the area and ``ratio`` aspect, resize back, maybe flip.
 
-    ``images`` is float (B, C, H, W); the output has the same shape.
+    Parameters
+    ----------
+    images : torch.Tensor
+        Float images (B, C, H, W).
+    generator : torch.Generator
+        Source of every random choice (boxes and flips), for exact resumption.
+    scale : tuple of float, default=(0.2, 1.0)
+        Range of the box's area as a fraction of the image's.
+    ratio : tuple of float, default=(3 / 4, 4 / 3)
+        Range of the box's aspect ratio.
+    hflip : bool, default=True
+        Flip each image horizontally with probability 1/2.
+
+    Returns
+    -------
+    torch.Tensor
+        The augmented images, same shape as ``images``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lqae_sklearn.training import random_resized_crop
+    >>> out = random_resized_crop(torch.rand(4, 1, 28, 28), torch.Generator().manual_seed(0), scale=(0.5, 1.0))
+    >>> out.shape
+    torch.Size([4, 1, 28, 28])
     """
     b, device = images.shape[0], images.device
 

@@ -75,6 +75,29 @@ def open_training_data(source: str, preprocessing: dict, data_home=None) -> Data
 
     Fashion-MNIST comes from :func:`~lqae_sklearn.datasets.fetch_fashion_mnist`
     (``data_home`` is its cache folder).
+
+    Parameters
+    ----------
+    source : str
+        ``"fashion-mnist"``, a ``.npy`` path or a folder (searched recursively).
+    preprocessing : dict
+        The model's preprocessing (:func:`~lqae_sklearn.model.preprocessing_of`):
+        every image is converted to its colour mode and size.
+    data_home : str, path-like or None, default=None
+        Cache folder of :func:`~lqae_sklearn.datasets.fetch_fashion_mnist`.
+
+    Returns
+    -------
+    torch.utils.data.Dataset
+        Items are uint8 tensors (C, S, S).
+
+    Examples
+    --------
+    >>> from lqae_sklearn.model import preprocessing_of, preset_config
+    >>> from lqae_sklearn.training import open_training_data
+    >>> data = open_training_data("examples/fashion-mnist", preprocessing_of(preset_config("small-28")))
+    >>> len(data), tuple(data[0].shape)  # doctest: +SKIP
+    (20, (1, 28, 28))
     """
     if source in ("fashion-mnist", "fashion-mnist:train", "fashion-mnist:test"):
         split = "test" if source.endswith(":test") else "train"
@@ -96,6 +119,26 @@ class EpochOrder:
     Each epoch is a fresh permutation drawn from ``seed + epoch``; a step takes
     ``global_batch`` consecutive images of it (the tail that does not fill a step
     is dropped), split into ``accumulation`` micro-batches per rank.
+
+    Parameters
+    ----------
+    num_images : int
+        Size of the data set.
+    global_batch : int
+        Images per optimizer step, over all processes and micro-batches.
+    world_size : int
+        Number of processes.
+    accumulation : int
+        Micro-batches per step and process.
+    seed : int
+        Seed of the per-epoch permutations.
+
+    Examples
+    --------
+    >>> from lqae_sklearn.training import EpochOrder
+    >>> order = EpochOrder(num_images=10, global_batch=4, world_size=1, accumulation=2, seed=0)
+    >>> len(order.indices(step=0, micro=0, rank=0))
+    2
     """
 
     def __init__(self, num_images: int, global_batch: int, world_size: int, accumulation: int, seed: int):

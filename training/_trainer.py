@@ -39,7 +39,74 @@ CHECKPOINT_DIR = "checkpoint"
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs; stored in the checkpoint it writes."""
+    """Everything a training run needs; stored in the checkpoint it writes.
+
+    Parameters
+    ----------
+    out_dir : str, default="runs/lqae"
+        Run folder: ``checkpoint/``, ``metrics.jsonl``, ``samples/``.
+    preset : str, default="small-28"
+        Model preset (:data:`~lqae_sklearn.model.PRESETS`).
+    model_overrides : dict, default={}
+        :class:`~lqae_sklearn.model.LQAEConfig` fields to change from the preset.
+    data : str, default="fashion-mnist"
+        Training images: ``"fashion-mnist"``, a ``.npy`` array or a folder
+        (:func:`open_training_data`).
+    data_home : str or None, default=None
+        Cache folder of :func:`~lqae_sklearn.datasets.fetch_fashion_mnist`.
+    eval_data : str or None, default=None
+        Evaluation images; None is the Fashion-MNIST test split when training on
+        Fashion-MNIST, else no evaluation.
+    eval_images : int, default=1000
+        Evaluation images used at each checkpoint.
+    steps : int, default=1000
+        Optimizer steps.
+    batch_size : int, default=256
+        Global batch: micro-batch x accumulation x processes.
+    accumulation : int, default=1
+        Micro-batches per step.
+    lr : float or None, default=None
+        Peak learning rate; None is the paper's 1.5e-4 x batch_size / 256.
+    warmup_steps : int or None, default=None
+        Linear warmup steps; None is 5% of the steps.
+    min_lr_ratio : float, default=0.0
+        Learning rate at the end of the cosine decay, as a fraction of the peak.
+    weight_decay : float, default=5e-4
+        AdamW weight decay.
+    betas : tuple of float, default=(0.9, 0.95)
+        AdamW betas.
+    seed : int, default=42
+        Seed of the initialisation, data order, crops and masks.
+    augment : bool, default=True
+        Random resized crops (and flips).
+    crop_scale : tuple of float, default=(0.2, 1.0)
+        Area range of the crops (:func:`random_resized_crop`).
+    hflip : bool, default=True
+        Random horizontal flips.
+    device : str, default="auto"
+        Torch device; ``"auto"`` uses CUDA when present.
+    bf16 : bool or None, default=None
+        Use bf16 autocast; None turns it on for CUDA.
+    compile : bool, default=False
+        ``torch.compile`` the encoder, decoder and LM.
+    save_every : int, default=500
+        Steps between checkpoints (and one at the end).
+    log_every : int, default=50
+        Steps between ``metrics.jsonl`` records.
+    num_workers : int, default=0
+        Data-loading worker processes.
+    resume : bool, default=False
+        Continue the run in ``out_dir`` exactly where its checkpoint stopped.
+    progress : bool, default=True
+        Show a progress bar.
+
+    Examples
+    --------
+    >>> from lqae_sklearn.training import TrainConfig
+    >>> config = TrainConfig(steps=300, batch_size=16)
+    >>> config.peak_lr, config.warmup
+    (9.375e-06, 15)
+    """
 
     out_dir: str = "runs/lqae"
     preset: str = "small-28"
@@ -78,7 +145,18 @@ class TrainConfig:
         return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)
 
     def lr_at(self, step: int) -> float:
-        """Linear warmup to the peak, then cosine decay to ``min_lr_ratio`` x peak."""
+        """Linear warmup to the peak, then cosine decay to ``min_lr_ratio`` x peak.
+
+        Parameters
+        ----------
+        step : int
+            Zero-based optimizer step.
+
+        Returns
+        -------
+        float
+            The learning rate at ``step``.
+        """
         peak, warmup = self.peak_lr, self.warmup
         if step < warmup:
             return peak * (step + 1) / warmup
@@ -129,7 +207,16 @@ def _step_generator(device: torch.device, seed: int, step: int, micro: int, rank
 
 
 class ResumeError(ValueError):
-    """``--resume`` without a run to resume, or a fresh start over a run that would be lost."""
+    """``--resume`` without a run to resume, or a fresh start over a run that would be lost.
+
+    Examples
+    --------
+    >>> from lqae_sklearn.training import ResumeError, TrainConfig, train
+    >>> try:
+    ...     train(TrainConfig(out_dir="runs/none-yet", resume=True))
+    ... except ResumeError as error:
+    ...     print("nothing to resume")  # doctest: +SKIP
+    """
 
 
 @dataclass
@@ -159,7 +246,29 @@ class _Run:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Train (or resume) an LQAE; returns the checkpoint folder."""
+    """Train (or resume) an LQAE; returns the checkpoint folder.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        Every setting of the run (data, model, optimisation, output folder).
+
+    Returns
+    -------
+    pathlib.Path
+        The run's ``checkpoint/`` folder, loadable by
+        ``LQAETokenizer(checkpoint=...)``.
+
+    Examples
+    --------
+    >>> from lqae_sklearn import LQAETokenizer
+    >>> from lqae_sklearn.training import TrainConfig, train
+    >>> config = TrainConfig(data="examples/fashion-mnist", out_dir="runs/tiny", steps=30, batch_size=8,
+    ...                      lr=2e-3, model_overrides={"patch_size": 7, "encoder_depth": 1, "decoder_depth": 1})
+    >>> checkpoint = train(config)  # doctest: +SKIP
+    >>> LQAETokenizer(checkpoint=checkpoint).fit().n_tokens_  # doctest: +SKIP
+    16
+    """
     run = _setup(cfg)
     bar = tqdm(total=cfg.steps, initial=run.start_step, disable=not (run.ddp.main and cfg.progress), unit="step")
     for step in range(run.start_step, cfg.steps):
@@ -322,7 +431,38 @@ def _checkpoint(run: _Run, done: int) -> None:
 
 @torch.no_grad()
 def evaluate(model: LQAE, images: torch.Tensor, device, autocast, batch_size: int) -> dict:
-    """Reconstruction PSNR and code statistics with no masking (as at inference)."""
+    """Reconstruction PSNR and code statistics with no masking (as at inference).
+
+    Parameters
+    ----------
+    model : LQAE
+        The model; put back in training mode afterwards.
+    images : torch.Tensor
+        Images (N, C, S, S), uint8.
+    device : torch.device
+        Where the model runs.
+    autocast : context manager
+        Entered around each forward pass (bf16 autocast on CUDA, a null context
+        on the CPU).
+    batch_size : int
+        Images per forward pass.
+
+    Returns
+    -------
+    dict
+        ``psnr`` (dB), the code statistics (``codebook_usage``, ``perplexity``,
+        ...) and ``samples``, the first 16 reconstructions.
+
+    Examples
+    --------
+    >>> import contextlib, torch
+    >>> from lqae_sklearn import LQAE, preset_config
+    >>> from lqae_sklearn.training import evaluate
+    >>> model = LQAE(preset_config("small-28", patch_size=7, encoder_depth=1, decoder_depth=1))
+    >>> images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    >>> sorted(evaluate(model, images, torch.device("cpu"), contextlib.nullcontext(), 4))[:2]  # doctest: +SKIP
+    ['codebook_usage', 'perplexity']
+    """
     model.eval()
     squared_error, pixels = 0.0, 0
     counts = torch.zeros(model.language_model.vocab_size, device=device)

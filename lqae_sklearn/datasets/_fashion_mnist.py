@@ -163,6 +163,26 @@ def load_fashion_mnist(split="train", path=None):
     With ``path=None`` this is ``fetch_fashion_mnist(subset=split, return_X_y=True)``
     (which may download). With a folder, it reads and checks that folder's idx
     files only; to use a folder with the fetcher, name it in ``$LQAE_FASHION_MNIST``.
+
+    Parameters
+    ----------
+    split : {"train", "test"}, default="train"
+        Which split.
+    path : str, path-like or None, default=None
+        A folder holding the split's idx files (checked against their pinned
+        SHA-256), or None to fetch.
+
+    Returns
+    -------
+    images : ndarray of uint8 of shape (n, 28, 28)
+        The images.
+    labels : ndarray of int64 of shape (n,)
+        Their labels, 0..9.
+
+    Examples
+    --------
+    >>> from lqae_sklearn.datasets import fetch_fashion_mnist
+    >>> X, y = fetch_fashion_mnist(subset="test", return_X_y=True)  # doctest: +SKIP
     """
     warnings.warn(
         "load_fashion_mnist is deprecated and will be removed; use "

@@ -37,7 +37,7 @@ SHUFFLES = ("across", "within")
 class Episode:
     """One N-way K-shot episode, as indices into the pool of items it was drawn from.
 
-    Attributes
+    Parameters
     ----------
     classes : ndarray of shape (n_way,)
         The classes drawn (values of the pool's labels), in draw order.
@@ -54,6 +54,13 @@ class Episode:
     seed : int
         A seed derived from the episode's, for choices a method makes inside it
         (demonstration order, token shuffles).
+
+    Examples
+    --------
+    >>> from lqae_sklearn.evaluation import sample_episodes
+    >>> episode = sample_episodes([0, 0, 1, 1, 2, 2], n_way=2, n_shot=1, n_query=1, n_episodes=1)[0]
+    >>> len(episode.support), len(episode.query), len(episode.names)
+    (2, 2, 2)
     """
 
     classes: np.ndarray
@@ -85,6 +92,15 @@ def sample_episodes(y, n_way, n_shot, n_query, n_episodes, *, seed=0, names=NONS
     Returns
     -------
     list of Episode
+        The episodes, in order; episode ``i`` is the same whatever ``n_episodes``.
+
+    Examples
+    --------
+    >>> from lqae_sklearn.evaluation import sample_episodes
+    >>> y = [0] * 5 + [1] * 5 + [2] * 5
+    >>> episodes = sample_episodes(y, n_way=2, n_shot=2, n_query=1, n_episodes=3, seed=0)
+    >>> [e.support.shape for e in episodes]
+    [(4,), (4,), (4,)]
     """
     y = np.asarray(y)
     if y.ndim != 1 or y.size == 0:
@@ -137,10 +153,26 @@ def mean_confidence_interval(values, confidence=0.95) -> tuple[float, float]:
     sample standard deviation (ddof=1): the usual few-shot report ("mean ± 95% CI
     over episodes"), slightly wider than the normal approximation for few episodes.
 
+    Parameters
+    ----------
+    values : array-like of shape (n_episodes,)
+        Per-episode accuracies.
+    confidence : float, default=0.95
+        Coverage of the interval, in (0, 1).
+
     Returns
     -------
-    mean, half_width : float
-        ``half_width`` is NaN for a single episode (no spread to estimate).
+    mean : float
+        The mean accuracy.
+    half_width : float
+        Half-width of the interval; NaN for a single episode (no spread to estimate).
+
+    Examples
+    --------
+    >>> from lqae_sklearn.evaluation import mean_confidence_interval
+    >>> mean, half = mean_confidence_interval([0.5, 1.0, 0.5, 1.0])
+    >>> round(mean, 3), round(half, 3)
+    (0.75, 0.459)
     """
     from scipy.stats import t
 
@@ -162,14 +194,24 @@ def prototype_predict(support_x, support_y, query_x) -> np.ndarray:
     Parameters
     ----------
     support_x : array of shape (n_support, ...)
+        The demonstrations (e.g. pixel arrays).
     support_y : array of shape (n_support,)
+        Their labels.
     query_x : array of shape (n_query, ...)
+        The items to classify, shaped as the demonstrations.
 
     Returns
     -------
     ndarray of shape (n_query,)
         The support label of the nearest prototype (ties: the first class in
         sorted order).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from lqae_sklearn.evaluation import prototype_predict
+    >>> prototype_predict(np.array([[0.0], [1.0]]), np.array(["dax", "wug"]), np.array([[0.2], [0.9]]))
+    array(['dax', 'wug'], dtype='<U3')
     """
     support_x = np.asarray(support_x, dtype=np.float64).reshape(len(support_x), -1)
     query_x = np.asarray(query_x, dtype=np.float64).reshape(len(query_x), -1)
@@ -190,10 +232,27 @@ def token_overlap_predict(support_ids, support_y, query_ids) -> np.ndarray:
     It measures how much class evidence the token texts carry as plain word
     overlap, which is what an LLM reading them can most easily pick up.
 
+    Parameters
+    ----------
+    support_ids : array of int of shape (n_support, n_tokens)
+        Token ids of the demonstrations.
+    support_y : array of shape (n_support,)
+        Their labels.
+    query_ids : array of int of shape (n_query, n_tokens)
+        Token ids of the items to classify.
+
     Returns
     -------
     ndarray of shape (n_query,)
         The support label of the best class (ties: the first class in sorted order).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from lqae_sklearn.evaluation import token_overlap_predict
+    >>> support = np.array([[1, 1, 2], [7, 8, 9]])
+    >>> token_overlap_predict(support, np.array(["dax", "wug"]), np.array([[1, 2, 9]]))
+    array(['dax'], dtype='<U3')
     """
     support_ids, query_ids = np.asarray(support_ids), np.asarray(query_ids)
     support_y = np.asarray(support_y)
@@ -216,6 +275,29 @@ def shuffle_tokens(ids, mode, rng) -> np.ndarray:
     item's tokens no longer come from its image, so a fair method scores chance.
     ``"within"`` permutes each item's own tokens: the bag of tokens survives, only
     their patch order is lost (how much the LLM uses order versus token overlap).
+
+    Parameters
+    ----------
+    ids : array of int of shape (n_items, n_tokens)
+        The episode's token ids.
+    mode : {"across", "within"}
+        Which control.
+    rng : numpy.random.Generator
+        Source of the permutation.
+
+    Returns
+    -------
+    ndarray of shape (n_items, n_tokens)
+        The shuffled ids.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from lqae_sklearn.evaluation import shuffle_tokens
+    >>> ids = np.array([[1, 2, 3], [4, 5, 6]])
+    >>> shuffled = shuffle_tokens(ids, "within", np.random.default_rng(0))
+    >>> sorted(shuffled[0]) == [1, 2, 3]
+    True
     """
     ids = np.asarray(ids)
     if mode == "across":
@@ -244,6 +326,16 @@ class LLMEpisodeRunner:
         call, and divide every query's class probabilities by its probabilities
         (contextual calibration, Zhao et al. 2021): it removes the LLM's prior
         preference for one label, such as the label of the last demonstration.
+
+    Examples
+    --------
+    >>> from lqae_sklearn import LLMFewShotClassifier, LQAETokenizer
+    >>> from lqae_sklearn.evaluation import LLMEpisodeRunner, episode_accuracies, sample_episodes
+    >>> tokenizer = LQAETokenizer(token_grid=3).fit()
+    >>> runner = LLMEpisodeRunner(LLMFewShotClassifier(label_scoring="channel"), tokenizer.ids_to_text)
+    >>> ids, y = tokenizer.transform(images), labels  # doctest: +SKIP
+    >>> episodes = sample_episodes(y, n_way=2, n_shot=1, n_query=1, n_episodes=10)  # doctest: +SKIP
+    >>> episode_accuracies(episodes, lambda e: runner(e, ids)[0]).mean()  # doctest: +SKIP
     """
 
     def __init__(self, classifier, ids_to_text, shuffle=None, content_free=None):
@@ -285,7 +377,27 @@ class LLMEpisodeRunner:
 
 
 def episode_accuracies(episodes, predict) -> np.ndarray:
-    """Per-episode accuracy of ``predict(episode) -> predicted names of its queries``."""
+    """Per-episode accuracy of ``predict(episode) -> predicted names of its queries``.
+
+    Parameters
+    ----------
+    episodes : list of Episode
+        The episodes, e.g. from :func:`sample_episodes`.
+    predict : callable
+        ``predict(episode)`` returns the predicted names of the episode's queries.
+
+    Returns
+    -------
+    ndarray of shape (n_episodes,)
+        The fraction of each episode's queries predicted right.
+
+    Examples
+    --------
+    >>> from lqae_sklearn.evaluation import episode_accuracies, sample_episodes
+    >>> episodes = sample_episodes([0, 0, 1, 1], n_way=2, n_shot=1, n_query=1, n_episodes=2)
+    >>> episode_accuracies(episodes, lambda e: e.query_y)  # an oracle
+    array([1., 1.])
+    """
     return np.array([np.mean(np.asarray(predict(e)) == e.query_y) for e in episodes], dtype=np.float64)
 
 
@@ -301,15 +413,31 @@ def evaluate_grid(y, methods, *, ways, shots, n_query, n_episodes, seed=0, names
         ``methods[name](episode)`` returns the predicted names of the episode's queries.
     ways, shots : sequence of int
         The grid: every way with every shot.
-    n_query, n_episodes, seed, names
+    n_query : int
+        Query items per class, as in :func:`sample_episodes`.
+    n_episodes : int
+        Episodes per cell, as in :func:`sample_episodes`.
+    seed : int, default=0
         As in :func:`sample_episodes`.
-    on_episode : callable or None
+    names : sequence of str, default=NONSENSE_LABELS
+        As in :func:`sample_episodes`.
+    on_episode : callable or None, default=None
         Called as ``on_episode(cell_index, episode_index)`` after each episode (progress).
 
     Returns
     -------
-    list of dict, one per cell: ``way``, ``shot``, ``n_query``, ``episodes``,
-    ``chance`` and ``methods[name]`` = ``{"mean", "ci95", "seconds", "accuracies"}``.
+    list of dict
+        One per cell: ``way``, ``shot``, ``n_query``, ``episodes``, ``chance``
+        and ``methods[name]`` = ``{"mean", "ci95", "seconds", "accuracies"}``.
+
+    Examples
+    --------
+    >>> from lqae_sklearn.evaluation import evaluate_grid
+    >>> y = [0] * 4 + [1] * 4 + [2] * 4
+    >>> cells = evaluate_grid(y, {"oracle": lambda e: e.query_y}, ways=[2], shots=[1, 2], n_query=1,
+    ...                       n_episodes=3)
+    >>> [(c["shot"], c["methods"]["oracle"]["mean"]) for c in cells]
+    [(1, 1.0), (2, 1.0)]
     """
     import time
 
@@ -340,7 +468,25 @@ def evaluate_grid(y, methods, *, ways, shots, n_query, n_episodes, seed=0, names
 def format_table(cells, labels=None) -> str:
     """A Markdown table of ``evaluate_grid`` results: one row per cell, mean ± 95% CI per method.
 
-    ``labels`` maps method names to column titles (default: the names).
+    Parameters
+    ----------
+    cells : list of dict
+        The output of :func:`evaluate_grid`.
+    labels : dict of str -> str or None, default=None
+        Column titles by method name (default: the names).
+
+    Returns
+    -------
+    str
+        The table, one line per cell after the header and rule lines.
+
+    Examples
+    --------
+    >>> from lqae_sklearn.evaluation import evaluate_grid, format_table
+    >>> cells = evaluate_grid([0, 0, 1, 1] * 2, {"oracle": lambda e: e.query_y}, ways=[2], shots=[1],
+    ...                       n_query=1, n_episodes=2)
+    >>> print(format_table(cells).splitlines()[0])
+    | cell         | episodes | chance | oracle        |
     """
     if not cells:
         raise ValueError("no cells to tabulate")

@@ -54,6 +54,20 @@ def make_backend(llm=None, **options) -> LanguageModelBackend:
         ``batch_size``, ``reuse_prefix`` for Hugging Face; ``api_key_env``, ``model``,
         ``timeout``, ``max_retries``, ``backoff``, ``max_backoff``, ``batch_size``
         for a server). Options that do not apply raise ``TypeError``.
+
+    Returns
+    -------
+    LanguageModelBackend
+        A :class:`HuggingFaceBackend` or an :class:`OpenAICompatibleBackend`
+        (not loaded yet), or ``llm`` itself.
+
+    Examples
+    --------
+    >>> from lqae_sklearn.llm import make_backend
+    >>> type(make_backend("http://127.0.0.1:8000/v1", timeout=10)).__name__
+    'OpenAICompatibleBackend'
+    >>> type(make_backend(None, device="cpu")).__name__
+    'HuggingFaceBackend'
     """
     if isinstance(llm, LanguageModelBackend):
         if options:

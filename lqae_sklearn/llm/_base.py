@@ -17,14 +17,21 @@ import numpy as np
 
 
 class LLMBackendError(RuntimeError):
-    """A language-model backend could not score a prompt."""
+    """A language-model backend could not score a prompt.
+
+    Examples
+    --------
+    >>> from lqae_sklearn.llm import LLMBackendError, LLMServerError
+    >>> issubclass(LLMServerError, LLMBackendError)
+    True
+    """
 
 
 @dataclass(frozen=True)
 class ContinuationScores:
     """Log-likelihoods of each continuation after each query.
 
-    Attributes
+    Parameters
     ----------
     logprob : ndarray of shape (n_queries, n_continuations), float64
         Sum over the continuation's tokens of ``log p(token | everything before it)``.
@@ -32,13 +39,27 @@ class ContinuationScores:
         How many tokens each continuation was scored over. With a local tokenizer it
         is the same for every query; an HTTP server tokenises the whole prompt, so a
         token that straddles the query/label boundary can change it per query.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from lqae_sklearn.llm import ContinuationScores
+    >>> scores = ContinuationScores(np.array([[-2.0, -6.0]]), np.array([[1, 2]]))
+    >>> scores.mean()
+    array([[-2., -3.]])
     """
 
     logprob: np.ndarray
     n_tokens: np.ndarray
 
     def mean(self) -> np.ndarray:
-        """Per-token mean log-probability (length-normalised score)."""
+        """Per-token mean log-probability (length-normalised score).
+
+        Returns
+        -------
+        ndarray of shape (n_queries, n_continuations)
+            ``logprob / n_tokens``.
+        """
         return self.logprob / np.maximum(self.n_tokens, 1)
 
 
@@ -47,10 +68,22 @@ class LanguageModelBackend(ABC):
 
     Subclasses keep only plain configuration as state that survives pickling and
     copying; loaded weights and open connections are rebuilt on first use.
+
+    Examples
+    --------
+    >>> from lqae_sklearn.llm import HuggingFaceBackend, LanguageModelBackend
+    >>> issubclass(HuggingFaceBackend, LanguageModelBackend)
+    True
     """
 
     def load(self) -> "LanguageModelBackend":
-        """Make the backend ready (load weights, resolve names). Idempotent; returns self."""
+        """Make the backend ready (load weights, resolve names). Idempotent.
+
+        Returns
+        -------
+        LanguageModelBackend
+            ``self``.
+        """
         return self
 
     @abstractmethod

@@ -33,7 +33,21 @@ _MARKER = "lqae-sklearn-conversion.json"
 
 
 def cache_dir() -> Path:
-    """The root of lqae-sklearn's on-disk cache (not created)."""
+    """The root of lqae-sklearn's on-disk cache (not created).
+
+    Returns
+    -------
+    folder : pathlib.Path
+        ``$LQAE_SKLEARN_CACHE`` if set, else ``~/.cache/lqae-sklearn``.
+
+    Examples
+    --------
+    >>> import os
+    >>> from lqae_sklearn.llm import cache_dir
+    >>> os.environ["LQAE_SKLEARN_CACHE"] = "/tmp/lqae-cache"
+    >>> str(cache_dir())
+    '/tmp/lqae-cache'
+    """
     configured = os.environ.get("LQAE_SKLEARN_CACHE")
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "lqae-sklearn"
 
@@ -54,8 +68,21 @@ def embedded_model_dir(root: str | os.PathLike | None = None) -> Path:
 
     Parameters
     ----------
-    root : path, optional
+    root : str, path-like or None, default=None
         Cache root; defaults to :func:`cache_dir`.
+
+    Returns
+    -------
+    folder : pathlib.Path
+        A Hugging Face model folder (config, tokenizer, bf16 safetensors). The
+        first call converts the GGUF file of ``lqae-sklearn[llm]`` (about a
+        minute on a CPU); later calls return the cached folder.
+
+    Examples
+    --------
+    >>> from lqae_sklearn.llm import embedded_model_dir
+    >>> embedded_model_dir().name  # doctest: +SKIP
+    'gemma-3-270m-q4_k_m-a5fd3b62230a-bf16'
     """
     package = _gguf_package()
     root = Path(root) if root is not None else cache_dir()
@@ -138,7 +165,13 @@ load_counter = {"n": 0}
 
 
 def clear_loaded_models() -> None:
-    """Forget every model held in memory (they are reloaded on next use)."""
+    """Forget every LLM held in memory (they are reloaded on next use).
+
+    Examples
+    --------
+    >>> from lqae_sklearn.llm import clear_loaded_models
+    >>> clear_loaded_models()
+    """
     LOADED_MODELS.clear()
 
 

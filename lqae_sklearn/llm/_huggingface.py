@@ -81,6 +81,14 @@ class HuggingFaceBackend(LanguageModelBackend):
     The backend keeps only these settings when pickled or copied; the weights live
     in a per-process cache shared by every backend with the same (model, device,
     dtype), and are loaded on first use.
+
+    Examples
+    --------
+    >>> from lqae_sklearn.llm import HuggingFaceBackend
+    >>> backend = HuggingFaceBackend(device="cpu")  # the embedded Gemma 3 270M, loaded on first use
+    >>> scores = backend.score("dax: shoe\\nblicket: bag\\n", ["shoe"], [" dax", " blicket"])  # doctest: +SKIP
+    >>> scores.logprob.shape  # doctest: +SKIP
+    (1, 2)
     """
 
     def __init__(self, model=None, *, device=None, dtype=None, batch_size=8, reuse_prefix=True):
@@ -143,7 +151,26 @@ class HuggingFaceBackend(LanguageModelBackend):
 
     # -- scoring ------------------------------------------------------------------------------------
     def tokenize(self, prefix: str, queries: Sequence[str], continuations: Sequence[str]):
-        """Token ids of the prefix (with BOS), of each query and of each continuation."""
+        """Token ids of the prefix (with BOS), of each query and of each continuation.
+
+        Parameters
+        ----------
+        prefix : str
+            Text shared by all prompts.
+        queries : sequence of str
+            One text per query.
+        continuations : sequence of str
+            Candidate continuations.
+
+        Returns
+        -------
+        prefix_ids : list of int
+            Ids of the prefix, BOS first.
+        query_ids : list of list of int
+            Ids of each query.
+        continuation_ids : list of list of int
+            Ids of each continuation.
+        """
         tokenizer = self.tokenizer
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         prefix_ids = bos + tokenizer.encode(prefix)

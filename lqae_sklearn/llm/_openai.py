@@ -53,10 +53,23 @@ _RETRIED_STATUS = "429 and 5xx"
 class LLMServerError(LLMBackendError):
     """An OpenAI-compatible server failed to score prompts.
 
+    Parameters
+    ----------
+    message : str
+        What went wrong.
+    status : int or None, default=None
+        The HTTP status, when the server answered with one.
+
     Attributes
     ----------
     status : int or None
         The HTTP status, when the server answered with one.
+
+    Examples
+    --------
+    >>> from lqae_sklearn.llm import LLMServerError
+    >>> LLMServerError("HTTP 500 from the server", status=500).status
+    500
     """
 
     def __init__(self, message: str, status: int | None = None):
@@ -65,7 +78,21 @@ class LLMServerError(LLMBackendError):
 
 
 class LLMServerTimeout(LLMServerError, TimeoutError):
-    """The server did not answer within the backend's ``timeout``."""
+    """The server did not answer within the backend's ``timeout``.
+
+    Parameters
+    ----------
+    message : str
+        What timed out.
+    status : int or None, default=None
+        Always None (no HTTP status came back).
+
+    Examples
+    --------
+    >>> from lqae_sklearn.llm import LLMServerTimeout
+    >>> isinstance(LLMServerTimeout("no answer in 60 s"), TimeoutError)
+    True
+    """
 
 
 class OpenAICompatibleBackend(LanguageModelBackend):
@@ -94,6 +121,13 @@ class OpenAICompatibleBackend(LanguageModelBackend):
         Longest wait between two attempts.
     batch_size : int, default=16
         Prompts per request.
+
+    Examples
+    --------
+    >>> from lqae_sklearn import LLMFewShotClassifier
+    >>> from lqae_sklearn.llm import OpenAICompatibleBackend
+    >>> backend = OpenAICompatibleBackend("http://127.0.0.1:8000/v1", batch_size=1)
+    >>> classifier = LLMFewShotClassifier(llm=backend)  # or llm="http://127.0.0.1:8000/v1"
     """
 
     def __init__(
@@ -236,7 +270,13 @@ class OpenAICompatibleBackend(LanguageModelBackend):
         return min(max(wait, 0.0), float(self.max_backoff))
 
     def served_model(self) -> str | None:
-        """The ``model`` field sent with each request (asks the server once when not given)."""
+        """The ``model`` field sent with each request (asks the server once when not given).
+
+        Returns
+        -------
+        str or None
+            The model name, or None when the server lists none.
+        """
         if self.model is not None:
             return self.model
         if self._served_model is None:

@@ -39,7 +39,19 @@ DEFAULT_CHECKPOINT = Path(__file__).parents[1] / "checkpoints" / "fashion-mnist-
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: corrupt, from a newer format, or for another LM."""
+    """A checkpoint that cannot be used: corrupt, from a newer format, or for another LM.
+
+    It is a ``ValueError``; the message says what is wrong and how to fix it.
+
+    Examples
+    --------
+    >>> from lqae_sklearn import CheckpointError, load_checkpoint
+    >>> try:
+    ...     load_checkpoint("no/such/checkpoint")
+    ... except (CheckpointError, FileNotFoundError) as error:
+    ...     print(type(error).__name__)  # doctest: +SKIP
+    CheckpointError
+    """
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -54,7 +66,25 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def preprocessing_of(config: LQAEConfig) -> dict:
-    """How raw images must be turned into model input for this checkpoint."""
+    """How raw images must be turned into model input for this checkpoint.
+
+    Parameters
+    ----------
+    config : LQAEConfig
+        The model's configuration.
+
+    Returns
+    -------
+    preprocessing : dict
+        ``image_size``, ``color_mode`` (``"L"`` or ``"RGB"``), ``resample`` and
+        ``pixel_range``, as stored in a checkpoint's ``config.json``.
+
+    Examples
+    --------
+    >>> from lqae_sklearn.model import preprocessing_of, preset_config
+    >>> preprocessing_of(preset_config("small-28"))["color_mode"]
+    'L'
+    """
     return {
         "image_size": config.image_size,
         "color_mode": "L" if config.in_channels == 1 else "RGB",
@@ -66,8 +96,34 @@ def preprocessing_of(config: LQAEConfig) -> dict:
 def save_checkpoint(model, path, *, training: dict | None = None, metrics: dict | None = None) -> Path:
     """Write ``model``'s trained weights and config to ``path``.
 
-    ``path`` ending in ``.safetensors`` writes one file; anything else a folder.
-    Returns the path written.
+    The encoder and decoder weights go to safetensors, everything else to JSON;
+    the frozen language model is referenced by name and fingerprint, not copied.
+
+    Parameters
+    ----------
+    model : LQAE
+        The model to save.
+    path : str or path-like
+        A name ending in ``.safetensors`` writes one file (the JSON in its
+        metadata); anything else a folder with ``config.json`` and
+        ``model.safetensors``. The write is atomic: a crash leaves no half-written
+        checkpoint.
+    training : dict or None, default=None
+        Training metadata to record (data, steps, settings).
+    metrics : dict or None, default=None
+        Evaluation figures to record (PSNR, codebook usage).
+
+    Returns
+    -------
+    path : pathlib.Path
+        The path written.
+
+    Examples
+    --------
+    >>> from lqae_sklearn import LQAE, preset_config, save_checkpoint
+    >>> model = LQAE(preset_config("small-28", patch_size=7, encoder_depth=1, decoder_depth=1))
+    >>> save_checkpoint(model, "untrained.safetensors")  # doctest: +SKIP
+    PosixPath('untrained.safetensors')
     """
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
@@ -97,7 +153,26 @@ def save_checkpoint(model, path, *, training: dict | None = None, metrics: dict 
 
 
 def read_checkpoint_config(path) -> dict:
-    """The checkpoint's JSON config, validated for format and version (no weights loaded)."""
+    """The checkpoint's JSON config, validated for format and version (no weights loaded).
+
+    Parameters
+    ----------
+    path : str or path-like
+        A checkpoint folder or ``.safetensors`` file.
+
+    Returns
+    -------
+    config : dict
+        ``model`` (the :class:`LQAEConfig` fields), ``language_model`` (identity
+        and fingerprint), ``preprocessing``, ``training``, ``metrics`` and
+        ``weights_sha256``.
+
+    Examples
+    --------
+    >>> from lqae_sklearn.model import DEFAULT_CHECKPOINT, read_checkpoint_config
+    >>> read_checkpoint_config(DEFAULT_CHECKPOINT)["model"]["patch_size"]
+    4
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
@@ -118,8 +193,28 @@ def read_checkpoint_config(path) -> dict:
 def load_checkpoint(path, language_model: FrozenLanguageModel | None = None, device="cpu"):
     """Rebuild the :class:`LQAE` stored at ``path``, in eval mode.
 
-    ``language_model`` may be passed to share an already loaded LM; it must be the
-    one the checkpoint was trained with (same vocabulary and embedding matrix).
+    Parameters
+    ----------
+    path : str or path-like
+        A checkpoint folder or ``.safetensors`` file.
+    language_model : FrozenLanguageModel or None, default=None
+        An already loaded LM to share; it must be the one the checkpoint was
+        trained with (same vocabulary and embedding matrix, checked). None loads
+        the LM the checkpoint names.
+    device : str, default="cpu"
+        Torch device to load onto.
+
+    Returns
+    -------
+    model : LQAE
+        The model, in eval mode.
+
+    Examples
+    --------
+    >>> from lqae_sklearn import load_checkpoint
+    >>> from lqae_sklearn.model import DEFAULT_CHECKPOINT
+    >>> load_checkpoint(DEFAULT_CHECKPOINT).config.num_tokens
+    49
     """
     from ._lqae import LQAE
 

@@ -21,44 +21,63 @@ class LQAEConfig:
 
     Parameters
     ----------
-    image_size, in_channels, patch_size
-        Input geometry; ``image_size`` must be divisible by ``patch_size`` and the
-        image becomes ``(image_size // patch_size) ** 2`` language tokens.
-    encoder_dim, encoder_depth, encoder_heads
-        Width, number of blocks and attention heads of the ViT encoder.
-    decoder_dim, decoder_depth, decoder_heads
-        Same for the ViT decoder that rebuilds pixels from the LM hidden states.
-    mlp_ratio
+    image_size : int, default=28
+        Side of the (square) input images, in pixels.
+    in_channels : {1, 3}, default=1
+        1 for grayscale, 3 for RGB.
+    patch_size : int, default=4
+        Side of a patch; ``image_size`` must be divisible by it, and the image
+        becomes ``(image_size // patch_size) ** 2`` language tokens.
+    encoder_dim : int, default=256
+        Width of the ViT encoder.
+    encoder_depth : int, default=4
+        Number of encoder blocks.
+    encoder_heads : int, default=4
+        Attention heads per encoder block.
+    decoder_dim : int, default=256
+        Width of the ViT decoder that rebuilds pixels from the LM hidden states.
+    decoder_depth : int, default=4
+        Number of decoder blocks.
+    decoder_heads : int, default=4
+        Attention heads per decoder block.
+    mlp_ratio : float, default=4.0
         Hidden width of each feed-forward layer relative to the block width.
-    block
+    block : {"vit", "lqae"}, default="vit"
         ``"vit"``: standard pre-LN block (attention, GELU MLP).
         ``"lqae"``: the official code's block: an extra LayerNorm after attention
         (NormFormer-style) and a gated GELU feed-forward with a depthwise 3x3
         convolution over the patch grid.
-    language_model
+    language_model : str, default=DEFAULT_LANGUAGE_MODEL
         Hugging Face name or local path of a BERT/RoBERTa-family encoder whose input
         word embeddings are the (frozen) codebook.
-    codebook_exclude
+    codebook_exclude : {"special", "none"}, default="special"
         ``"special"`` leaves special and ``[unused*]`` tokens out of the codebook;
         ``"none"`` keeps every row.
-    mask_ratio
+    mask_ratio : float, default=0.5
         Probability that a token is replaced by the LM's mask embedding during
         training (the paper uses 0.5). Inference always uses 0.
-    commitment_weight
+    commitment_weight : float, default=0.01
         Weight of ``mse(x, sg(q))``. The official run's effective value is 0.01.
-    normalize_latents
+    normalize_latents : bool, default=False
         Rescale each encoder output to the norm of its chosen codebook row before
         the straight-through estimator and the commitment loss, making both depend
         on direction only (the search is by cosine anyway). The official code does
         not; without it, our 28x28 GPU run's latent norms grew without bound (the
         commitment, averaged over 384 x 49 latent elements per 784 pixels, is 24x
         weaker per element than at the paper's 256 px) and the codebook collapsed.
-    mlm_weight
+    mlm_weight : float, default=1e-4
         Weight of the masked-token prediction loss against the image's own ids.
-    rescore_top_k
+    rescore_top_k : int, default=8
         The nearest-word search on CUDA: every row is scored in bf16 and the best
         ``rescore_top_k`` are rescored in float32 (see :class:`LanguageQuantizer`).
         0 searches all rows in float32, as the CPU always does.
+
+    Examples
+    --------
+    >>> from lqae_sklearn import LQAEConfig
+    >>> config = LQAEConfig(image_size=32, patch_size=8)
+    >>> config.num_tokens
+    16
     """
 
     image_size: int = 28
@@ -153,8 +172,25 @@ PRESETS: dict[str, dict] = {
 def preset_config(name: str, **overrides) -> LQAEConfig:
     """Build the config of a named preset, with optional field overrides.
 
+    Parameters
+    ----------
+    name : {"paper", "small-28", "small-rgb"}
+        The preset (see :data:`PRESETS`).
+    **overrides
+        :class:`LQAEConfig` fields to change.
+
+    Returns
+    -------
+    config : LQAEConfig
+        The preset's configuration with the overrides applied.
+
+    Examples
+    --------
+    >>> from lqae_sklearn import preset_config
     >>> preset_config("small-28").num_tokens
     49
+    >>> preset_config("small-28", patch_size=7).num_tokens
+    16
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")

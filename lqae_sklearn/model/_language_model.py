@@ -52,6 +52,25 @@ class FrozenLanguageModel(nn.Module):
     Use :meth:`from_pretrained` (a name or path) or :meth:`from_hf_config` (random
     weights of a given shape, for throughput work). The module stays in eval mode
     whatever ``train()`` says, so dropout never fires.
+
+    Parameters
+    ----------
+    masked_lm : torch.nn.Module
+        A Hugging Face masked-LM model (e.g. ``BertForMaskedLM``).
+    name : str
+        The name recorded in checkpoints.
+    tokenizer : transformers tokenizer or None, default=None
+        Its tokenizer; needed to write token ids as text.
+    has_trained_head : bool, default=True
+        Whether the model's MLM head is trained (all-MiniLM-L6-v2 ships none: its
+        logits are tied to the word embeddings instead).
+
+    Examples
+    --------
+    >>> from lqae_sklearn import FrozenLanguageModel
+    >>> lm = FrozenLanguageModel.from_pretrained()  # all-MiniLM-L6-v2, installed offline
+    >>> lm.vocab_size
+    30522
     """
 
     def __init__(self, masked_lm: nn.Module, name: str, tokenizer=None, has_trained_head: bool = True):
@@ -99,7 +118,20 @@ class FrozenLanguageModel(nn.Module):
 
     @classmethod
     def from_hf_config(cls, hf_config, name: str = "random") -> "FrozenLanguageModel":
-        """Random weights with the shape of ``hf_config`` (no download, no tokenizer)."""
+        """Random weights with the shape of ``hf_config`` (no download, no tokenizer).
+
+        Parameters
+        ----------
+        hf_config : transformers.PretrainedConfig
+            A masked-LM configuration (e.g. ``RobertaConfig``).
+        name : str, default="random"
+            The name recorded in checkpoints.
+
+        Returns
+        -------
+        FrozenLanguageModel
+            The model, with random weights.
+        """
         from transformers import AutoModelForMaskedLM
 
         return cls(AutoModelForMaskedLM.from_config(hf_config), name, tokenizer=None)
@@ -130,7 +162,13 @@ class FrozenLanguageModel(nn.Module):
         return self.vocab_size - 1 if self.encoder.config.model_type == "roberta" else 103
 
     def excluded_token_ids(self) -> list[int]:
-        """Special and never-used tokens (``[unused*]``), kept out of the codebook."""
+        """Special and never-used tokens (``[unused*]``), kept out of the codebook.
+
+        Returns
+        -------
+        list of int
+            Their vocabulary ids.
+        """
         if self.tokenizer is None:
             return [self.mask_token_id]
         ids = set(self.tokenizer.all_special_ids)
@@ -139,7 +177,14 @@ class FrozenLanguageModel(nn.Module):
         return sorted(i for i in ids if i < self.vocab_size)
 
     def identity(self) -> dict:
-        """What a checkpoint records to be sure it is loaded against the same LM."""
+        """What a checkpoint records to be sure it is loaded against the same LM.
+
+        Returns
+        -------
+        dict
+            Name, vocabulary size, hidden size, layers and the fingerprint of the
+            embedding matrix.
+        """
         return {
             "name": self.name,
             "model_type": self.encoder.config.model_type,
@@ -149,6 +194,18 @@ class FrozenLanguageModel(nn.Module):
         }
 
     def train(self, mode: bool = True) -> "FrozenLanguageModel":
+        """Keep eval mode whatever ``mode`` says: the LM is frozen, so its dropout never fires.
+
+        Parameters
+        ----------
+        mode : bool, default=True
+            Ignored for this module's own layers.
+
+        Returns
+        -------
+        FrozenLanguageModel
+            ``self``.
+        """
         return self  # always eval: the LM is frozen, dropout must never fire
 
     def forward(self, inputs_embeds: torch.Tensor, output_hidden_states: bool = False):
@@ -158,14 +215,35 @@ class FrozenLanguageModel(nn.Module):
         (RoBERTa: ``padding_idx + 1 ...``), whatever ids the tokens have; the
         official code's position-id quirk is deliberately not reproduced.
 
-        Returns the last hidden states, or the tuple of all hidden states
-        (embedding output first) when ``output_hidden_states``.
+        Parameters
+        ----------
+        inputs_embeds : torch.Tensor
+            Token embeddings (B, T, D).
+        output_hidden_states : bool, default=False
+            Return every layer's hidden states.
+
+        Returns
+        -------
+        torch.Tensor or tuple of torch.Tensor
+            The last hidden states (B, T, D), or the tuple of all hidden states
+            (embedding output first) when ``output_hidden_states``.
         """
         out = self.encoder(inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states)
         return out.hidden_states if output_hidden_states else out.last_hidden_state
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits for hidden states (..., D)."""
+        """Vocabulary logits for hidden states (..., D).
+
+        Parameters
+        ----------
+        hidden : torch.Tensor
+            Hidden states (..., D).
+
+        Returns
+        -------
+        torch.Tensor
+            Logits (..., vocab_size).
+        """
         if self.mlm_head is not None:
             return self.mlm_head(hidden)
         return hidden @ self.codebook.to(hidden.dtype).T

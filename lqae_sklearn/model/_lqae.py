@@ -23,7 +23,34 @@ from ._vit import ViTDecoder, ViTEncoder
 
 @dataclass
 class LQAEOutput:
-    """Everything one forward pass produces; the loss terms are float32 scalars."""
+    """Everything one forward pass produces; the loss terms are float32 scalars.
+
+    Parameters
+    ----------
+    reconstruction : torch.Tensor
+        Reconstructed images (B, C, H, W).
+    ids : torch.Tensor
+        Chosen vocabulary ids (B, n_tokens).
+    mask : torch.Tensor
+        Which tokens were masked for the LM (B, n_tokens), bool.
+    loss : torch.Tensor
+        The weighted sum of the three terms below.
+    reconstruction_loss : torch.Tensor
+        Pixel mean squared error.
+    commitment_loss : torch.Tensor
+        ``mse(x, sg(q))`` between encoder outputs and their chosen rows.
+    mlm_loss : torch.Tensor
+        Masked-token prediction loss against the image's own ids.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lqae_sklearn import LQAE, preset_config
+    >>> model = LQAE(preset_config("small-28", patch_size=7, encoder_depth=1, decoder_depth=1))
+    >>> out = model(torch.rand(2, 1, 28, 28))
+    >>> out.reconstruction.shape, out.ids.shape
+    (torch.Size([2, 1, 28, 28]), torch.Size([2, 16]))
+    """
 
     reconstruction: torch.Tensor  # (B, C, H, W), unclamped
     ids: torch.Tensor  # (B, T) vocabulary ids
@@ -40,8 +67,17 @@ class LQAE(nn.Module):
     Parameters
     ----------
     config : LQAEConfig
+        Architecture and loss settings (:func:`preset_config` builds the named ones).
     language_model : FrozenLanguageModel, optional
         Loaded from ``config.language_model`` when not given.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lqae_sklearn import LQAE, preset_config
+    >>> model = LQAE(preset_config("small-28")).eval()
+    >>> model.encode(torch.rand(1, 1, 28, 28)).shape
+    torch.Size([1, 49])
     """
 
     def __init__(self, config: LQAEConfig, language_model: FrozenLanguageModel | None = None):
@@ -65,7 +101,13 @@ class LQAE(nn.Module):
 
     # -- the trained part ------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Encoder and decoder weights: what a checkpoint stores (the LM is referenced)."""
+        """Encoder and decoder weights: what a checkpoint stores (the LM is referenced).
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            The trained parameters and buffers, by name.
+        """
         return {k: v for k, v in self.state_dict().items() if not k.startswith("language_model.")}
 
     def trainable_parameters(self):
@@ -75,8 +117,18 @@ class LQAE(nn.Module):
     def encode(self, images: torch.Tensor, token_grid: int | None = None) -> torch.Tensor:
         """Images (B, C, H, W) in [0, 1] -> token ids (B, T), row-major over the patch grid.
 
-        ``token_grid=g`` averages the encoder's output over a g x g grid of regions
-        before the nearest-word search: g * g coarser tokens (see :func:`pool_tokens`).
+        Parameters
+        ----------
+        images : torch.Tensor
+            Float images (B, C, H, W) in [0, 1].
+        token_grid : int or None, default=None
+            ``g`` averages the encoder's output over a g x g grid of regions before
+            the nearest-word search: g * g coarser tokens (see :func:`pool_tokens`).
+
+        Returns
+        -------
+        torch.Tensor
+            Token ids (B, T), int64.
         """
         return self.quantizer.nearest(pool_tokens(self.encoder(images), token_grid))
 
@@ -88,6 +140,16 @@ class LQAE(nn.Module):
 
         Ids of a coarser token grid (T = g * g < the patch count) are first spread
         back over the patch grid, each to the patches nearest its region.
+
+        Parameters
+        ----------
+        ids : torch.Tensor
+            Token ids (B, T).
+
+        Returns
+        -------
+        torch.Tensor
+            Images (B, C, H, W) in [0, 1].
         """
         grid = self.config.grid_size
         if ids.shape[1] != grid * grid:
@@ -101,6 +163,11 @@ class LQAE(nn.Module):
         ``"encoder.1"`` is the output of the first encoder block; ``"lm.0"`` is the
         LM's embedding layer output (token + position embeddings) and ``"lm.N"``
         the output of its N-th layer.
+
+        Returns
+        -------
+        list of str
+            The layer names, in network order.
         """
         enc = [f"encoder.{i}" for i in range(1, self.config.encoder_depth + 1)]
         return enc + [f"lm.{i}" for i in range(self.language_model.num_layers + 1)]
@@ -110,6 +177,18 @@ class LQAE(nn.Module):
 
         The unmasked token sequence goes through the frozen LM, as for the
         paper's linear probe.
+
+        Parameters
+        ----------
+        images : torch.Tensor
+            Float images (B, C, H, W) in [0, 1].
+        layers : list of str
+            Names from :meth:`feature_layer_names`.
+
+        Returns
+        -------
+        torch.Tensor
+            Features (B, sum of the layers' widths).
         """
         return self.encode_with_features(images, layers)[1]
 
@@ -117,9 +196,23 @@ class LQAE(nn.Module):
                              token_grid: int | None = None):
         """Token ids and :meth:`features` from one encoder pass (and one LM pass).
 
-        Returns ``(ids or None, features or None)``; ids are computed when
-        ``with_ids`` or when an LM layer needs them (the LM then reads the
-        ``token_grid`` tokens).
+        Parameters
+        ----------
+        images : torch.Tensor
+            Float images (B, C, H, W) in [0, 1].
+        layers : list of str
+            Names from :meth:`feature_layer_names`; empty for no features.
+        with_ids : bool, default=True
+            Return the ids (they are computed anyway when an LM layer needs them).
+        token_grid : int or None, default=None
+            As in :meth:`encode`; the LM then reads the ``token_grid`` tokens.
+
+        Returns
+        -------
+        ids : torch.Tensor or None
+            Token ids (B, T), or None.
+        features : torch.Tensor or None
+            Features (B, sum of widths), or None when ``layers`` is empty.
         """
         if not layers:
             return (self.encode(images, token_grid) if with_ids else None), None
@@ -134,7 +227,23 @@ class LQAE(nn.Module):
 
     # -- training --------------------------------------------------------------------
     def forward(self, images: torch.Tensor, mask_ratio: float | None = None, generator=None) -> LQAEOutput:
-        """Full pass with losses. ``mask_ratio`` defaults to the config's in training, 0 in eval."""
+        """Full pass with losses.
+
+        Parameters
+        ----------
+        images : torch.Tensor
+            Float images (B, C, H, W) in [0, 1].
+        mask_ratio : float or None, default=None
+            Fraction of tokens masked for the LM; None is the config's in training
+            mode, 0 in eval mode.
+        generator : torch.Generator or None, default=None
+            Source of the mask, for exact resumption.
+
+        Returns
+        -------
+        LQAEOutput
+            Reconstruction, ids, mask and the loss terms.
+        """
         c = self.config
         if mask_ratio is None:
             mask_ratio = c.mask_ratio if self.training else 0.0
@@ -161,6 +270,25 @@ def pool_tokens(z: torch.Tensor, token_grid: int | None) -> torch.Tensor:
 
     Region edges follow ``adaptive_avg_pool2d`` (regions overlap by a patch when
     the grids do not divide). None, or the patch grid itself, returns ``z``.
+
+    Parameters
+    ----------
+    z : torch.Tensor
+        Patch latents (B, n * n, D) over an n x n patch grid.
+    token_grid : int or None
+        Side of the coarse grid.
+
+    Returns
+    -------
+    pooled : torch.Tensor
+        (B, token_grid ** 2, D), or ``z`` itself.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lqae_sklearn.model import pool_tokens
+    >>> pool_tokens(torch.ones(2, 49, 8), 3).shape
+    torch.Size([2, 9, 8])
     """
     grid = int(round(z.shape[1] ** 0.5))
     if token_grid is None or token_grid == grid:
@@ -171,7 +299,27 @@ def pool_tokens(z: torch.Tensor, token_grid: int | None) -> torch.Tensor:
 
 
 def unpool_tokens(ids: torch.Tensor, grid: int) -> torch.Tensor:
-    """Ids of a coarse g x g token grid (B, g*g) -> (B, grid*grid): each patch takes its nearest region's id."""
+    """Ids of a coarse g x g token grid (B, g*g) -> (B, grid*grid): each patch takes its nearest region's id.
+
+    Parameters
+    ----------
+    ids : torch.Tensor
+        Token ids (B, g * g) of a coarse grid.
+    grid : int
+        Side of the patch grid (at least g).
+
+    Returns
+    -------
+    ids : torch.Tensor
+        (B, grid * grid): patch ``p`` of a row takes region ``p * g // grid``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lqae_sklearn.model import unpool_tokens
+    >>> unpool_tokens(torch.tensor([[1, 2, 3, 4]]), 3)
+    tensor([[1, 1, 2, 1, 1, 2, 3, 3, 4]])
+    """
     b, t = ids.shape
     coarse = int(round(t**0.5))
     if coarse * coarse != t or coarse > grid:

@@ -51,6 +51,14 @@ class LanguageQuantizer(nn.Module):
         where bf16 is faster (see the module notes). A bf16 score error would have
         to push the true best row out of the top k to change the answer. 0 forces
         the all-float32 search everywhere.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lqae_sklearn.model import LanguageQuantizer
+    >>> quantizer = LanguageQuantizer(torch.eye(4), excluded_ids=[0])
+    >>> quantizer.codebook_size
+    4
     """
 
     def __init__(self, codebook: torch.Tensor, excluded_ids=(), chunk_size: int = 8192, rescore_top_k: int = 8):
@@ -74,7 +82,18 @@ class LanguageQuantizer(nn.Module):
 
     @torch.no_grad()
     def nearest(self, x: torch.Tensor) -> torch.Tensor:
-        """Vocabulary ids of the rows nearest to ``x`` (..., D) by cosine similarity."""
+        """Vocabulary ids of the rows nearest to ``x`` (..., D) by cosine similarity.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Vectors (..., D).
+
+        Returns
+        -------
+        torch.Tensor
+            Vocabulary ids (...), int64.
+        """
         flat = F.normalize(x.reshape(-1, x.shape[-1]).float(), dim=-1)
         if self.rescore_top_k > 0 and (flat.is_cuda or (flat.device.type == "cpu" and cpu_bf16_search())):
             local = self._nearest_rescored(flat)
@@ -109,14 +128,28 @@ class LanguageQuantizer(nn.Module):
     def forward(self, x: torch.Tensor, codebook: torch.Tensor, normalize_latents: bool = False):
         """Quantize ``x`` (B, T, D).
 
-        Returns ``(quantized, ids, commitment)``: the raw codebook rows (float32)
-        with a straight-through gradient to ``x``, their vocabulary ids, and the
-        commitment loss ``mse(x, sg(q))`` (the codebook is frozen, so the
-        codebook-side term of a VQ-VAE has no gradient and is left out).
-
         With ``normalize_latents``, ``x`` is first rescaled to the norm of its
         chosen row. The search is by cosine already, so this removes the one
         degree of freedom, the latent's length, that nothing else constrains.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Encoder outputs (B, T, D).
+        codebook : torch.Tensor
+            The embedding matrix (V, D) to take the rows from.
+        normalize_latents : bool, default=False
+            Rescale ``x`` to its chosen row's norm first.
+
+        Returns
+        -------
+        quantized : torch.Tensor
+            The raw codebook rows (float32) with a straight-through gradient to ``x``.
+        ids : torch.Tensor
+            Their vocabulary ids (B, T).
+        commitment : torch.Tensor
+            The commitment loss ``mse(x, sg(q))`` (the codebook is frozen, so the
+            codebook-side term of a VQ-VAE has no gradient and is left out).
         """
         ids = self.nearest(x)
         q = F.embedding(ids, codebook).float()
