@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 API_PAGE = Path(__file__).resolve().parents[1] / "docs" / "api" / "index.rst"
-PACKAGES = ["lqae_sklearn", "lqae_sklearn.datasets", "lqae_sklearn.evaluation", "lqae_sklearn.llm",
+PACKAGES = ["lqae_sklearn", "lqae_sklearn.datasets", "lqae_sklearn.encoding", "lqae_sklearn.evaluation", "lqae_sklearn.llm",
             "lqae_sklearn.model", "lqae_sklearn.plotting", "lqae_sklearn.training"]
 
 

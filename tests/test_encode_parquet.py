@@ -116,6 +116,7 @@ def test_parquet_output_refuses_what_it_cannot_resume(tmp_path, corpus, checkpoi
     assert first.returncode == 0, first.stderr.decode()
     other = run_encode(corpus, out, "-c", checkpoint, "-o", "ids")
     assert other.returncode == 2 and "other settings" in other.stderr.decode()
+    assert (out / "_run").read_text() == "0\n"  # a refused run fences nobody (a run may be going on)
 
     mixed = tmp_path / "mixed"
     mixed.mkdir()
@@ -156,10 +157,12 @@ def test_a_killed_runs_late_commit_is_fenced_and_dropped(tmp_path):
     folder = tmp_path / "tokens"
     first = ParquetOutput(str(folder))
     first.prepare()
+    first.claim()
     commit_part(part(["a.png"]), first.part_path(first.run, 0))
 
     second = ParquetOutput(str(folder))  # the rerun after the kill
     second.prepare()
+    second.claim()
     assert second.run == 1 and (folder / "_run").read_text() == "1\n"
     assert second.done_keys() == {b"a.png"}
     commit_part(part(["b.png"]), second.part_path(0, 1))  # the old worker, after the rerun read the parts

@@ -9,7 +9,7 @@ the demonstrations.
 
 **What to expect.** With the embedded Gemma 3 270M this is a demonstration of
 the mechanics, not of accuracy: with the classifier's defaults, few-shot
-classification is indistinguishable from chance today, and the best setting
+classification is at chance or barely above it today, and the best setting
 measured (channel scoring, used here) stays behind a nearest-prototype
 classifier on raw pixels in every episode type (:doc:`/user_guide/few_shot`,
 :doc:`/benchmarks`). One episode says nothing about accuracy either way.

@@ -23,6 +23,11 @@ class BatchEncoder:
     outputs : sequence of {"ids", "text", "embeddings"}, default=None
         Columns to add; None adds the tokenizer's ``output``.
 
+    Attributes
+    ----------
+    tokenizer : LQAETokenizer
+        The fitted tokenizer, its weights loaded.
+
     Examples
     --------
     >>> import ray.data  # doctest: +SKIP
@@ -31,7 +36,14 @@ class BatchEncoder:
     >>> images = ray.data.read_images("images/", mode="L", size=(28, 28))  # doctest: +SKIP
     >>> tokens = images.map_batches(  # doctest: +SKIP
     ...     BatchEncoder, fn_constructor_args=(LQAETokenizer(output="text"),),
-    ...     batch_size=256, concurrency=2, num_gpus=1)
+    ...     batch_size=256, compute=ray.data.ActorPoolStrategy(size=2), num_gpus=1)
+
+    Without Ray, it is a function of a dict of arrays:
+
+    >>> import numpy as np
+    >>> encoder = BatchEncoder(LQAETokenizer(output="ids", device="cpu"))
+    >>> encoder({"image": np.zeros((2, 28, 28), np.uint8)})["ids"].shape
+    (2, 49)
     """
 
     def __init__(self, tokenizer, image_column: str = "image", outputs=None):
@@ -48,6 +60,19 @@ class BatchEncoder:
         _ = self.tokenizer.model_  # load the weights once, when the actor starts
 
     def __call__(self, batch: dict) -> dict:
+        """Encode ``batch[image_column]`` and return the batch with the output columns added.
+
+        Parameters
+        ----------
+        batch : dict of str to ndarray
+            A batch as Ray Data's ``batch_format="numpy"`` gives it.
+
+        Returns
+        -------
+        dict of str to ndarray
+            The batch's columns, plus one per output: ``"ids"`` int64 (N, n_tokens),
+            ``"text"`` object (N,), ``"embeddings"`` float32 (N, n_features).
+        """
         if self.image_column not in batch:
             raise KeyError(f"the batch has no column {self.image_column!r} (it has {sorted(batch)}); "
                            f"set BatchEncoder(image_column=...)")

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from lqae_sklearn._atomic import atomic_path, atomic_write_bytes
@@ -36,6 +37,7 @@ from ._discovery import record_key
 from ._jsonl import CorruptJsonlError, JsonlAppender, iter_records, repair_torn_tail
 
 PART_PATTERN = re.compile(r"part-(\d{5})-(\d{6})\.parquet")
+MANIFEST_INTERVAL_S = 5.0
 RUN_FILE = "_run"  # the number of the run allowed to commit parts (a fence against a killed run's workers)
 
 
@@ -82,6 +84,9 @@ class JsonlOutput:
     def prepare(self) -> None:
         if not self.to_stdout:
             Path(self.out).parent.mkdir(parents=True, exist_ok=True)
+
+    def claim(self) -> None:
+        pass  # a JSONL file has one writer, appending: nothing to fence
 
     def created(self) -> None:
         if not self.to_stdout:
@@ -136,6 +141,7 @@ class ParquetOutput:
         self.manifest_path = os.fspath(self.folder / "_manifest.json")
         self.run_path = os.fspath(self.folder / RUN_FILE)
         self._rows = {}  # part name -> rows, so the manifest reads each part's footer once
+        self._manifest_written = 0.0
         if self.folder.exists() and not self.folder.is_dir():
             raise OutputError(f"{out!r} is a file; Parquet output is a folder of parts")
 
@@ -172,8 +178,13 @@ class ParquetOutput:
                 f"{self.out!r} holds files lqae-encode did not write ({shown}); Parquet readers would mix them "
                 f"into the data set, so give an empty or new folder"
             )
-        # Claim a run number before reading what is done: parts of this run are named
-        # after it, and from now on a worker of an earlier run may not commit.
+
+    def claim(self) -> None:
+        """Take a run number, before reading what is done (and only once the settings were accepted).
+
+        Parts of this run are named after it, and from now on a worker of an earlier
+        run may not commit.
+        """
         self.run = self.next_run()
         atomic_write_bytes(self.run_path, f"{self.run}\n".encode())
         self._remove_leftovers()
@@ -221,8 +232,13 @@ class ParquetOutput:
 
     # -- writing ---------------------------------------------------------------------
     def next_run(self) -> int:
-        """A run number above every committed part's, so part names never collide across runs."""
+        """A run number above every committed part's and the last claimed one, so that names never collide
+        and the fence shuts out every earlier run, even one killed before it committed anything."""
         runs = [int(PART_PATTERN.fullmatch(p.name).group(1)) for p in self.parts()]
+        try:
+            runs.append(int(Path(self.run_path).read_text()))
+        except (OSError, ValueError):
+            pass
         return max(runs, default=-1) + 1
 
     def part_path(self, run: int, sequence: int) -> Path:
@@ -232,13 +248,29 @@ class ParquetOutput:
         """Write ``table`` as one part: readers see all of it or none of it."""
         commit_part(table, path)
 
+    def part_committed(self, name: str, rows: int) -> None:
+        """Note a part this run committed; the manifest is rewritten at most every few seconds.
+
+        Listing the folder after every part would cost O(parts^2) over a run of
+        100,000 parts; the manifest is an index for readers, not the record of what is
+        done (the parts themselves are), so a few seconds of lag are harmless.
+        """
+        self._rows[name] = rows
+        if time.monotonic() - self._manifest_written > MANIFEST_INTERVAL_S:
+            self._write_manifest(complete=False)
+
     def write_manifest(self, complete: bool) -> None:
+        """List the folder and write ``_manifest.json``: every committed part and its row count."""
         import pyarrow.parquet as pq
 
         self._rows = {name: rows for name, rows in self._rows.items() if (self.folder / name).exists()}
         for part in self.parts():
             if part.name not in self._rows:
                 self._rows[part.name] = pq.read_metadata(part).num_rows
+        self._write_manifest(complete)
+
+    def _write_manifest(self, complete: bool) -> None:
+        self._manifest_written = time.monotonic()
         parts = [{"file": name, "rows": rows} for name, rows in sorted(self._rows.items())]
         manifest = {"format": "lqae-encode parquet parts", "version": 1, "complete": complete,
                     "rows": sum(p["rows"] for p in parts), "parts": parts}
@@ -286,8 +318,9 @@ class PartWriter:
         import pyarrow as pa
 
         buffered = pa.concat_tables(self.tables)
-        self.output.commit(buffered.slice(0, rows), self.output.part_path(self.output.run, self.sequence))
-        self.output.write_manifest(complete=False)
+        path = self.output.part_path(self.output.run, self.sequence)
+        self.output.commit(buffered.slice(0, rows), path)
+        self.output.part_committed(path.name, rows)
         self.sequence += 1
         rest = buffered.slice(rows)
         self.tables, self.rows = ([rest] if rest.num_rows else []), rest.num_rows

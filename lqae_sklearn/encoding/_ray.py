@@ -69,7 +69,7 @@ class PartEncoder:
                     raise RuntimeError(f"{self.folder}: a newer run has started; this part is not committed")
                 commit_part(EncodedBatch(good, encoded, self.with_labels).table(),
                             os.path.join(self.folder, str(batch["part"][i])))
-            summaries["part"].append(str(batch["part"][i]))
+            summaries["part"].append(str(batch["part"][i]) if good else "")
             summaries["encoded"].append([os.fsencode(p) for p in good])
             summaries["errors"].append(json.dumps([[p.hex(), r] for p, r in zip(paths, reasons) if r]))
         return summaries
@@ -164,7 +164,8 @@ def encode_on_ray(run, pending) -> None:
             failures = [(os.fsdecode(bytes.fromhex(p)), reason) for p, reason in json.loads(summary["errors"])]
             run.encoded(encoded)
             run.failed(failures)
-            output.write_manifest(complete=False)
+            if summary["part"]:  # "" for a part with no good image: it wrote no file
+                output.part_committed(summary["part"], len(encoded))
             bar.update(len(encoded) + len(failures))
             if run.stop_signal is not None:
                 break

@@ -35,7 +35,29 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1,
 
 
 class EncodeError(ValueError):
-    """A request that cannot be carried out; ``param`` names the option or argument at fault."""
+    """An encoding request that cannot be carried out: a bad input, option, checkpoint or output.
+
+    ``lqae-encode`` shows it as a usage error (exit status 2); from Python,
+    :func:`~lqae_sklearn.encoding.encode_dataset` raises it. It is a
+    :class:`ValueError`.
+
+    Parameters
+    ----------
+    message : str
+        What is wrong, naming the input.
+    param : str, default=None
+        The command-line option or argument at fault (``"--layers"``, ``"OUT"``),
+        when there is one.
+
+    Examples
+    --------
+    >>> from lqae_sklearn.encoding import EncodeError, encode_dataset
+    >>> try:
+    ...     encode_dataset("no/such/folder", "out.jsonl")
+    ... except EncodeError as error:
+    ...     print(error, "|", error.param)
+    'no/such/folder' does not exist | IMAGES
+    """
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
@@ -175,6 +197,8 @@ class EncodeRun:
             self.output.prepare()
             if resuming:
                 self._check_settings()
+            self.output.claim()
+            if resuming:
                 self.done = self.output.done_keys()
                 if os.path.exists(self.errors_path):
                     repair_torn_tail(self.errors_path)
