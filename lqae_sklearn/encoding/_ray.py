@@ -85,7 +85,8 @@ class PartEncoder:
 
 
 def _decode_memory(preprocessing: dict, part_size: int) -> int:
-    """Bytes a decode task holds: the part's images, twice (list and stacked copy), plus the worker process itself (~300 MB with its imports).
+    """Bytes a decode task holds: the part's images twice (list and stacked copy), plus the
+    worker process itself (about 300 MB with its imports, as Ray's memory report showed).
 
     Asking for it also keeps the stage apart: Ray Data fuses a task stage into the
     next actor stage when their resource requests are equal, and decoding would then
@@ -157,7 +158,7 @@ def encode_on_ray(run, pending) -> None:
         )
     )
     bar = run.progress_bar(len(pending))
-    previous = {s: signal.signal(s, run._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, run.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for summary in dataset.iter_rows():
             encoded = [bytes(p) for p in summary["encoded"]]

@@ -240,7 +240,7 @@ class EncodeRun:
         try:
             writer = self.output.writer(self.opts.part_size)
             bar = self.progress_bar(len(pending))
-            previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
             try:
                 for batch, results in pipeline:
                     self._encode_batch(writer, batch, results)
@@ -264,7 +264,8 @@ class EncodeRun:
         show = sys.stderr.isatty() if self.opts.progress is None else self.opts.progress
         return tqdm(total=total, unit="img", disable=not show, file=sys.stderr, smoothing=0.1)
 
-    def _on_signal(self, signum, frame) -> None:
+    def on_signal(self, signum, frame) -> None:
+        """The SIGINT/SIGTERM handler every engine installs: stop after the batch or part in hand."""
         if self.stop_signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: stop now; a torn line is repaired on resume
         self.stop_signal = signum
