@@ -6,6 +6,7 @@ down at its end; each ``lqae-encode`` runs as its own driver process joining it,
 can SIGKILL the driver, or one of the encoder actors, as a crash or the OOM killer would.
 """
 
+import json
 import os
 import pickle
 import signal
@@ -179,3 +180,27 @@ def test_settings_the_cluster_cannot_run_are_usage_errors(tmp_path, images_dir, 
     assert bad_layer.returncode == 2 and "lm.99" in bad_layer.stderr.decode()
     assert "Traceback" not in too_many.stderr.decode() + bad_layer.stderr.decode()
     assert not list(Path(tmp_path).rglob("part-*.parquet"))
+
+
+def test_sigterm_stops_the_driver_cleanly_and_a_rerun_finishes(tmp_path, images_dir, checkpoint, ray_address):
+    out = tmp_path / "tokens"
+    process = start_ray_run(images_dir, out, checkpoint, ray_address, "--actors", "1")
+    try:
+        wait_for_parts(out, 2, process)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, stderr.decode()
+    assert "interrupted by SIGTERM" in stderr.decode() and "rerun to resume" in stderr.decode()
+    assert "Traceback" not in stderr.decode()
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["complete"] is False and 0 < manifest["rows"] < 96
+
+    resumed = run_encode(images_dir, str(out) + "/", "-c", checkpoint, "--engine", "ray", "--ray-address",
+                         ray_address, "--part-size", "2", "--labels-from-dirs", "--actors", "1")
+    assert resumed.returncode == 1, resumed.stderr.decode()
+    assert_exactly_once(out, images_dir)
+    final = json.loads((out / "_manifest.json").read_text())
+    assert final["complete"] is True and final["rows"] == 96
