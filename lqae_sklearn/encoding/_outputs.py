@@ -34,7 +34,7 @@ from pathlib import Path
 from lqae_sklearn._atomic import atomic_path, atomic_write_bytes
 
 from ._discovery import record_key
-from ._jsonl import CorruptJsonlError, JsonlAppender, iter_records, repair_torn_tail
+from ._jsonl import JsonlAppender, iter_records, repair_torn_tail
 
 PART_PATTERN = re.compile(r"part-(\d{5})-(\d{6})\.parquet")
 MANIFEST_INTERVAL_S = 5.0
@@ -244,10 +244,6 @@ class ParquetOutput:
     def part_path(self, run: int, sequence: int) -> Path:
         return self.folder / f"part-{run:05d}-{sequence:06d}.parquet"
 
-    def commit(self, table, path: Path) -> None:
-        """Write ``table`` as one part: readers see all of it or none of it."""
-        commit_part(table, path)
-
     def part_committed(self, name: str, rows: int) -> None:
         """Note a part this run committed; the manifest is rewritten at most every few seconds.
 
@@ -319,7 +315,7 @@ class PartWriter:
 
         buffered = pa.concat_tables(self.tables)
         path = self.output.part_path(self.output.run, self.sequence)
-        self.output.commit(buffered.slice(0, rows), path)
+        commit_part(buffered.slice(0, rows), path)
         self.output.part_committed(path.name, rows)
         self.sequence += 1
         rest = buffered.slice(rows)
@@ -327,6 +323,3 @@ class PartWriter:
 
     def close(self) -> None:
         self.flush()
-
-
-__all__ = ["CorruptJsonlError", "JsonlOutput", "OutputError", "ParquetOutput", "infer_format", "sidecar_path"]

@@ -121,7 +121,7 @@ class EncodeRun:
         self.scope = {item.key for item in items} | {i.key for i, _ in discovery_errors} if self.old_errors else set()
         pending = [item for item in items if item.key not in self.done]
         self.counts = {"encoded": 0, "failed": 0, "already": len(items) - len(pending)}
-        self._record_errors([(item.path, reason) for item, reason in discovery_errors])
+        self.failed([(item.path, reason) for item, reason in discovery_errors])
         try:
             if pending and self.opts.engine == "ray":
                 from ._ray import encode_on_ray
@@ -292,7 +292,7 @@ class EncodeRun:
             encoded = self._tokenizer().encode(np.stack([array for _, array in good]), outputs=self.opts.outputs)
         writer.append(EncodedBatch([item.path for item, _ in good], encoded, self.opts.labels_from_dirs))
         self.encoded([item.key for item, _ in good])
-        self._record_errors([(item.path, reason) for item, (array, reason) in zip(batch, results) if array is None])
+        self.failed([(item.path, reason) for item, (array, reason) in zip(batch, results) if array is None])
 
     # -- bookkeeping every engine reports to -----------------------------------------------------
     def encoded(self, keys) -> None:
@@ -303,11 +303,8 @@ class EncodeRun:
         self.counts["encoded"] += len(keys)
 
     def failed(self, failures) -> None:
-        """``(path, reason)`` pairs that could not be encoded."""
-        self._record_errors(failures)
-
-    def _record_errors(self, failures) -> None:
-        """Count and write error records, one append per batch."""
+        """``(path, reason)`` pairs that could not be encoded: counted, and written as error records in one
+        append."""
         fresh = []
         for path, reason in failures:
             record = {**path_fields(path), "reason": reason}
