@@ -13,6 +13,7 @@ from lqae_sklearn.model import PRESETS, LQAEConfig
 _ARCHITECTURE_FIELDS = (
     "image_size", "in_channels", "patch_size", "encoder_dim", "encoder_depth", "encoder_heads",
     "decoder_dim", "decoder_depth", "decoder_heads", "mlp_ratio", "block", "language_model",
+    "codebook", "codebook_size",
 )
 
 EPILOG = """\b
@@ -40,7 +41,7 @@ def summarize(path, config: dict) -> dict:
     model = config.get("model", {})
     image_size, patch = model.get("image_size"), model.get("patch_size")
     tokens = (image_size // patch) ** 2 if image_size and patch else None
-    lm = config.get("language_model", {})
+    lm = config.get("language_model", {})  # None for a VQVAE (learned codebook, no LM)
     return {
         "checkpoint": os.fspath(path),
         "format_version": config.get("format_version"),
@@ -60,11 +61,15 @@ def summarize(path, config: dict) -> dict:
 def _format(info: dict) -> str:
     lm = info["language_model"]
     arch = info["architecture"]
+    if lm is None:
+        lm_line = f"none (VQ-VAE: learned codebook of {arch.get('codebook_size')} codes)"
+    else:
+        lm_line = (f"{lm.get('name')} ({lm.get('model_type')}, vocabulary {lm.get('vocab_size')}, "
+                   f"width {lm.get('hidden_size')}, embeddings {lm.get('embedding_sha256')})")
     lines = [
         f"checkpoint      {info['checkpoint']}",
         f"preset          {info['preset'] or 'custom (matches no preset)'}",
-        f"language model  {lm.get('name')} ({lm.get('model_type')}, vocabulary {lm.get('vocab_size')}, "
-        f"width {lm.get('hidden_size')}, embeddings {lm.get('embedding_sha256')})",
+        f"language model  {lm_line}",
         f"image           {info['image_size']}x{info['image_size']} {info['color_mode']}, "
         f"patch {info['patch_size']} -> {info['tokens_per_image']} tokens per image",
         f"encoder         {arch.get('encoder_depth')} x {arch.get('encoder_dim')} ({arch.get('block')} blocks), "

@@ -110,7 +110,7 @@ def resumed_run(tmp_path_factory, npy_data, minilm):
     return out, halfway
 
 
-def test_training_writes_metrics_samples_and_checkpoint(straight_run, minilm):
+def test_training_writes_metrics_samples_and_checkpoint(straight_run, minilm, npy_data):
     records = read_metrics(straight_run)
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == [3, 6]
@@ -137,6 +137,8 @@ def test_training_writes_metrics_samples_and_checkpoint(straight_run, minilm):
     assert config["training"]["steps"] == 6 and config["training"]["world_size"] == 1
     assert config["training"]["data"]["num_images"] == 256
     assert config["metrics"]["eval_psnr"] == pytest.approx(eval_records[-1]["eval_psnr"])
+    # The figures say which images they were measured on (here the training .npy itself, 16 of them).
+    assert (config["metrics"]["eval_data"], config["metrics"]["eval_images"]) == (str(npy_data), 16)
     assert {p.name for p in (straight_run / "checkpoint").iterdir()} == {
         "config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json",
     }

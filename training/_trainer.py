@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from lqae_sklearn._atomic import replace_dir
 from lqae_sklearn._loading import resolve_device
 from lqae_sklearn.model import (
-    LQAE, FrozenLanguageModel, load_checkpoint, preprocessing_of, preset_config, save_checkpoint,
+    LQAE, VQVAE, build_model, load_checkpoint, preprocessing_of, preset_config, save_checkpoint,
 )
 
 from ._augment import random_resized_crop
@@ -46,7 +46,8 @@ class TrainConfig:
     out_dir : str, default="runs/lqae"
         Run folder: ``checkpoint/``, ``metrics.jsonl``, ``samples/``.
     preset : str, default="small-28"
-        Model preset (:data:`~lqae_sklearn.model.PRESETS`).
+        Model preset (:data:`~lqae_sklearn.model.PRESETS`); ``"small-28-vqvae"``
+        trains the paper's VQ-VAE baseline (:class:`~lqae_sklearn.model.VQVAE`).
     model_overrides : dict, default={}
         :class:`~lqae_sklearn.model.LQAEConfig` fields to change from the preset.
     data : str, default="fashion-mnist"
@@ -226,7 +227,7 @@ class _Run:
     cfg: TrainConfig
     ddp: _Dist
     device: torch.device
-    model: LQAE
+    model: LQAE | VQVAE
     net: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer
     data: object
@@ -234,6 +235,7 @@ class _Run:
     batches: object  # iterator of micro-batches from start_step on
     start_step: int
     eval_images: torch.Tensor | None
+    eval_source: str | None  # what eval_images are, recorded next to the figures measured on them
     log: MetricsLog | None
     autocast: object
     out_dir: Path
@@ -246,7 +248,7 @@ class _Run:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Train (or resume) an LQAE; returns the checkpoint folder.
+    """Train (or resume) an LQAE or a VQVAE (``codebook="learned"``); returns the checkpoint folder.
 
     Parameters
     ----------
@@ -302,10 +304,9 @@ def _setup(cfg: TrainConfig) -> _Run:
     if cfg.resume:
         model = load_checkpoint(ckpt_dir)
     else:
-        model_config = preset_config(cfg.preset, **cfg.model_overrides)
-        model = LQAE(model_config, FrozenLanguageModel.from_pretrained(model_config.language_model))
+        model = build_model(preset_config(cfg.preset, **cfg.model_overrides))  # an LQAE loads its LM, a VQVAE none
     model.to(device).train()
-    if device.type == "cuda" and use_bf16:
+    if device.type == "cuda" and use_bf16 and model.language_model is not None:
         model.language_model.to(torch.bfloat16)  # frozen: no fp32 master copy needed
     optimizer = torch.optim.AdamW(
         model.trainable_parameters(), lr=cfg.peak_lr, betas=tuple(cfg.betas),
@@ -322,12 +323,13 @@ def _setup(cfg: TrainConfig) -> _Run:
         start_step = saved["step"]
     if cfg.compile:
         for part in (model.encoder, model.decoder, model.language_model):
-            part.compile()  # in place: parameter names (and checkpoints) stay unchanged
+            if part is not None:
+                part.compile()  # in place: parameter names (and checkpoints) stay unchanged
     net = model
     if ddp.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,  # buffers are constants derived from the frozen LM
+            broadcast_buffers=False,  # buffers are constants derived from the frozen LM (a VQVAE has none)
         )
 
     preprocessing = preprocessing_of(model.config)
@@ -346,10 +348,10 @@ def _setup(cfg: TrainConfig) -> _Run:
     return _Run(
         cfg=cfg, ddp=ddp, device=device, model=model, net=net, optimizer=optimizer, data=data, order=order,
         batches=iterate_batches(data, order, ddp.rank, start_step, cfg.steps, cfg.num_workers),
-        start_step=start_step, eval_images=eval_images, log=log,
+        start_step=start_step, eval_images=eval_images, eval_source=eval_source, log=log,
         autocast=torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext(),
         out_dir=out_dir, ckpt_dir=ckpt_dir, sums=torch.zeros(4, device=device),
-        counts=torch.zeros(model.language_model.vocab_size, device=device), window_start=time.perf_counter(),
+        counts=torch.zeros(model.quantizer.vocab_size, device=device), window_start=time.perf_counter(),
     )
 
 
@@ -420,6 +422,8 @@ def _checkpoint(run: _Run, done: int) -> None:
         if run.eval_images is not None:
             run.last_eval = evaluate(run.model, run.eval_images, run.device, run.autocast, run.cfg.batch_size)
             samples = run.last_eval.pop("samples")
+            # Say which images the figures come from (eval_data, eval_images), so test and train figures are not confused.
+            run.last_eval = {"data": run.eval_source, "images": len(run.eval_images), **run.last_eval}
             save_grid(run.eval_images[: len(samples)].float() / 255, samples,
                       run.out_dir / "samples" / f"step_{done:07d}.png")
             run.log.write({"step": done, **{f"eval_{k}": v for k, v in run.last_eval.items()}})
@@ -430,12 +434,12 @@ def _checkpoint(run: _Run, done: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: LQAE, images: torch.Tensor, device, autocast, batch_size: int) -> dict:
+def evaluate(model: LQAE | VQVAE, images: torch.Tensor, device, autocast, batch_size: int) -> dict:
     """Reconstruction PSNR and code statistics with no masking (as at inference).
 
     Parameters
     ----------
-    model : LQAE
+    model : LQAE or VQVAE
         The model; put back in training mode afterwards.
     images : torch.Tensor
         Images (N, C, S, S), uint8.
@@ -450,8 +454,9 @@ def evaluate(model: LQAE, images: torch.Tensor, device, autocast, batch_size: in
     Returns
     -------
     dict
-        ``psnr`` (dB), the code statistics (``codebook_usage``, ``perplexity``,
-        ...) and ``samples``, the first 16 reconstructions.
+        ``psnr`` (dB), the code statistics (``codebook_usage``: the fraction of
+        the quantizer's choosable rows seen, ``perplexity``) and ``samples``, the
+        first 16 reconstructions.
 
     Examples
     --------
@@ -465,7 +470,7 @@ def evaluate(model: LQAE, images: torch.Tensor, device, autocast, batch_size: in
     """
     model.eval()
     squared_error, pixels = 0.0, 0
-    counts = torch.zeros(model.language_model.vocab_size, device=device)
+    counts = torch.zeros(model.quantizer.vocab_size, device=device)  # LM vocabulary ids, or VQVAE code ids
     samples: list[torch.Tensor] = []
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size].to(device).float() / 255

@@ -53,6 +53,9 @@ from ._trainer import ResumeError, TrainConfig, train
 def main(language_model, image_size, patch_size, settings, compile_, no_progress, **options):
     """Train an LQAE: ViT encoder -> frozen LM word embeddings -> frozen LM -> ViT decoder.
 
+    --preset small-28-vqvae (or --set codebook=learned) trains the paper's VQ-VAE
+    baseline instead: the same encoder and decoder around a learned codebook, no LM.
+
     \b
     Single process (CPU or one GPU):
       lqae-train --data fashion-mnist --steps 300 --out runs/fmnist

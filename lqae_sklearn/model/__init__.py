@@ -3,10 +3,13 @@
 :class:`LQAE` is a ViT encoder, a quantizer onto a frozen language model's word
 embeddings (:class:`FrozenLanguageModel`), the LM itself and a ViT decoder,
 configured by an :class:`LQAEConfig` (named presets in :data:`PRESETS`).
-:func:`save_checkpoint` / :func:`load_checkpoint` write and read it as JSON +
-safetensors.
+:class:`VQVAE` is the paper's baseline: the same encoder and decoder around a
+learned codebook (:class:`LearnedQuantizer`), no language model;
+:func:`build_model` builds either from a config. :func:`save_checkpoint` /
+:func:`load_checkpoint` write and read both as JSON + safetensors.
 """
 
+from ._build import build_model
 from ._checkpoint import (
     DEFAULT_CHECKPOINT,
     CheckpointError,
@@ -18,7 +21,9 @@ from ._checkpoint import (
 from ._config import DEFAULT_LANGUAGE_MODEL, PRESETS, LQAEConfig, preset_config
 from ._language_model import FrozenLanguageModel
 from ._lqae import LQAE, LQAEOutput, pool_tokens, unpool_tokens
+from ._learned_quantizer import LearnedQuantizer
 from ._quantizer import LanguageQuantizer
+from ._vqvae import VQVAE
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
@@ -30,6 +35,9 @@ __all__ = [
     "LQAEConfig",
     "LQAEOutput",
     "LanguageQuantizer",
+    "LearnedQuantizer",
+    "VQVAE",
+    "build_model",
     "load_checkpoint",
     "pool_tokens",
     "preprocessing_of",

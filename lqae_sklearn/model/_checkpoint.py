@@ -2,9 +2,11 @@
 
 A checkpoint is either a folder::
 
-    config.json        format version, LQAEConfig, LM identity, preprocessing,
-                       training data and metrics, checksum of the weights
-    model.safetensors  encoder and decoder weights only (the LM is referenced)
+    config.json        format version, LQAEConfig, LM identity (null for a
+                       VQVAE: it has no LM), preprocessing, training data and
+                       metrics, checksum of the weights
+    model.safetensors  encoder and decoder weights (and a VQVAE's learned
+                       codebook); the LM is referenced, never copied
 
 or one ``.safetensors`` file whose metadata holds the same JSON under
 ``"lqae_config"``. Writes never leave half a checkpoint: the files are written
@@ -96,12 +98,13 @@ def preprocessing_of(config: LQAEConfig) -> dict:
 def save_checkpoint(model, path, *, training: dict | None = None, metrics: dict | None = None) -> Path:
     """Write ``model``'s trained weights and config to ``path``.
 
-    The encoder and decoder weights go to safetensors, everything else to JSON;
-    the frozen language model is referenced by name and fingerprint, not copied.
+    The encoder and decoder weights (and a VQVAE's learned codebook) go to
+    safetensors, everything else to JSON; the frozen language model is referenced
+    by name and fingerprint, not copied (a VQVAE records none).
 
     Parameters
     ----------
-    model : LQAE
+    model : LQAE or VQVAE
         The model to save.
     path : str or path-like
         A name ending in ``.safetensors`` writes one file (the JSON in its
@@ -131,7 +134,7 @@ def save_checkpoint(model, path, *, training: dict | None = None, metrics: dict 
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": model.config.to_dict(),
-        "language_model": model.language_model.identity(),
+        "language_model": model.language_model.identity() if model.language_model is not None else None,
         "preprocessing": preprocessing_of(model.config),
         "training": training or {},
         "metrics": metrics or {},
@@ -164,8 +167,8 @@ def read_checkpoint_config(path) -> dict:
     -------
     config : dict
         ``model`` (the :class:`LQAEConfig` fields), ``language_model`` (identity
-        and fingerprint), ``preprocessing``, ``training``, ``metrics`` and
-        ``weights_sha256``.
+        and fingerprint; None for a learned codebook), ``preprocessing``,
+        ``training``, ``metrics`` and ``weights_sha256``.
 
     Examples
     --------
@@ -191,7 +194,7 @@ def read_checkpoint_config(path) -> dict:
 
 
 def load_checkpoint(path, language_model: FrozenLanguageModel | None = None, device="cpu"):
-    """Rebuild the :class:`LQAE` stored at ``path``, in eval mode.
+    """Rebuild the :class:`LQAE` (or :class:`VQVAE`) stored at ``path``, in eval mode.
 
     Parameters
     ----------
@@ -200,14 +203,15 @@ def load_checkpoint(path, language_model: FrozenLanguageModel | None = None, dev
     language_model : FrozenLanguageModel or None, default=None
         An already loaded LM to share; it must be the one the checkpoint was
         trained with (same vocabulary and embedding matrix, checked). None loads
-        the LM the checkpoint names.
+        the LM the checkpoint names. A VQVAE checkpoint (``codebook="learned"``)
+        loads no LM and ignores this.
     device : str, default="cpu"
         Torch device to load onto.
 
     Returns
     -------
-    model : LQAE
-        The model, in eval mode.
+    model : LQAE or VQVAE
+        The model (:func:`build_model` of the stored config), in eval mode.
 
     Examples
     --------
@@ -216,7 +220,7 @@ def load_checkpoint(path, language_model: FrozenLanguageModel | None = None, dev
     >>> load_checkpoint(DEFAULT_CHECKPOINT).config.num_tokens
     49
     """
-    from ._lqae import LQAE
+    from ._build import build_model
 
     path = Path(path)
     config = read_checkpoint_config(path)
@@ -233,10 +237,17 @@ def load_checkpoint(path, language_model: FrozenLanguageModel | None = None, dev
             f"or belongs to another checkpoint"
         )
     model_config = LQAEConfig.from_dict(config["model"])
-    if language_model is None:
-        language_model = FrozenLanguageModel.from_pretrained(model_config.language_model)
-    check_language_model(config["language_model"], language_model, path)
-    model = LQAE(model_config, language_model)
+    if model_config.codebook == "learned":
+        language_model = None  # a VQVAE has no LM: never load one
+    else:
+        if not isinstance(config.get("language_model"), dict):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} has a language codebook but records no language model to check it against"
+            )
+        if language_model is None:
+            language_model = FrozenLanguageModel.from_pretrained(model_config.language_model)
+        check_language_model(config["language_model"], language_model, path)
+    model = build_model(model_config, language_model)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not k.startswith("language_model.")]
     if missing or unexpected:

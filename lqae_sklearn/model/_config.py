@@ -2,6 +2,8 @@
 
 A checkpoint stores this config as JSON, so a model can always be rebuilt from
 its checkpoint alone (the frozen language model is referenced by name, not copied).
+The same dataclass describes the paper's VQ-VAE baseline (``codebook="learned"``):
+the same encoder and decoder with a learned codebook and no language model.
 """
 
 from __future__ import annotations
@@ -71,6 +73,16 @@ class LQAEConfig:
         The nearest-word search on CUDA: every row is scored in bf16 and the best
         ``rescore_top_k`` are rescored in float32 (see :class:`LanguageQuantizer`).
         0 searches all rows in float32, as the CPU always does.
+    codebook : {"language", "learned"}, default="language"
+        ``"language"``: the LQAE, quantizing onto the frozen LM's word embeddings
+        and decoding the LM's hidden states. ``"learned"``: the paper's VQ-VAE
+        baseline (:class:`VQVAE`): the same encoder and decoder around a learned
+        codebook of ``codebook_size`` rows and no language model; then
+        ``language_model``, ``codebook_exclude``, ``mask_ratio``,
+        ``normalize_latents``, ``mlm_weight`` and ``rescore_top_k`` are not used.
+    codebook_size : int, default=1024
+        Rows of the learned codebook (the official ``vqae.py`` default); only used
+        with ``codebook="learned"``.
 
     Examples
     --------
@@ -98,6 +110,9 @@ class LQAEConfig:
     normalize_latents: bool = False
     mlm_weight: float = 1e-4
     rescore_top_k: int = 8
+    # Checkpoints written before these two fields existed load with these defaults: an LQAE.
+    codebook: Literal["language", "learned"] = "language"
+    codebook_size: int = 1024
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -118,6 +133,10 @@ class LQAEConfig:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if isinstance(self.rescore_top_k, bool) or not isinstance(self.rescore_top_k, int) or self.rescore_top_k < 0:
             raise ValueError(f"rescore_top_k must be an int >= 0, got {self.rescore_top_k!r}")
+        if self.codebook not in ("language", "learned"):
+            raise ValueError(f"codebook must be 'language' or 'learned', got {self.codebook!r}")
+        if isinstance(self.codebook_size, bool) or not isinstance(self.codebook_size, int) or self.codebook_size < 1:
+            raise ValueError(f"codebook_size must be an int >= 1, got {self.codebook_size!r}")
 
     @property
     def grid_size(self) -> int:
@@ -158,6 +177,16 @@ PRESETS: dict[str, dict] = {
         decoder_dim=256, decoder_depth=4, decoder_heads=4,
         normalize_latents=True,
     ),
+    # The paper's VQ-VAE baseline at 28x28: small-28's encoder and decoder around 1024
+    # learned codes, commitment 0.25 (official vqae.py). No LM, hence no masking, MLM
+    # loss or latent rescaling (zeroed so that the stored config says so).
+    "small-28-vqvae": dict(
+        image_size=28, in_channels=1, patch_size=4,
+        encoder_dim=256, encoder_depth=4, encoder_heads=4,
+        decoder_dim=256, decoder_depth=4, decoder_heads=4,
+        codebook="learned", codebook_size=1024, commitment_weight=0.25,
+        mask_ratio=0.0, mlm_weight=0.0, normalize_latents=False,
+    ),
     # 64-128 px RGB: 64 px with patch 8 gives 64 tokens; override image_size=128
     # (and patch_size=16) for larger inputs.
     "small-rgb": dict(
@@ -174,7 +203,7 @@ def preset_config(name: str, **overrides) -> LQAEConfig:
 
     Parameters
     ----------
-    name : {"paper", "small-28", "small-rgb"}
+    name : {"paper", "small-28", "small-28-vqvae", "small-rgb"}
         The preset (see :data:`PRESETS`).
     **overrides
         :class:`LQAEConfig` fields to change.
@@ -191,6 +220,8 @@ def preset_config(name: str, **overrides) -> LQAEConfig:
     49
     >>> preset_config("small-28", patch_size=7).num_tokens
     16
+    >>> preset_config("small-28-vqvae").codebook
+    'learned'
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")

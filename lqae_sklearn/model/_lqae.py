@@ -25,22 +25,26 @@ from ._vit import ViTDecoder, ViTEncoder
 class LQAEOutput:
     """Everything one forward pass produces; the loss terms are float32 scalars.
 
+    :class:`LQAE` and :class:`VQVAE` both return it.
+
     Parameters
     ----------
     reconstruction : torch.Tensor
         Reconstructed images (B, C, H, W).
     ids : torch.Tensor
-        Chosen vocabulary ids (B, n_tokens).
+        Chosen vocabulary ids (B, n_tokens) (code ids for a VQVAE).
     mask : torch.Tensor
-        Which tokens were masked for the LM (B, n_tokens), bool.
+        Which tokens were masked for the LM (B, n_tokens), bool (all False for a VQVAE).
     loss : torch.Tensor
-        The weighted sum of the three terms below.
+        The weighted sum of the three terms below (for a VQVAE, reconstruction +
+        (1 + commitment_weight) x commitment: its codebook term has the
+        commitment term's value).
     reconstruction_loss : torch.Tensor
         Pixel mean squared error.
     commitment_loss : torch.Tensor
         ``mse(x, sg(q))`` between encoder outputs and their chosen rows.
     mlm_loss : torch.Tensor
-        Masked-token prediction loss against the image's own ids.
+        Masked-token prediction loss against the image's own ids (0 for a VQVAE).
 
     Examples
     --------

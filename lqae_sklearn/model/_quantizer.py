@@ -66,6 +66,7 @@ class LanguageQuantizer(nn.Module):
         vocab = codebook.shape[0]
         allowed = torch.ones(vocab, dtype=torch.bool)
         allowed[list(excluded_ids)] = False
+        self._vocab_size = vocab
         self.chunk_size = chunk_size
         self.rescore_top_k = rescore_top_k
         # Indices of the rows that may be chosen, and their unit-norm float32 copy
@@ -79,6 +80,11 @@ class LanguageQuantizer(nn.Module):
     def codebook_size(self) -> int:
         """Number of rows that can be chosen."""
         return self.allowed_ids.numel()
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the full codebook, chosen or not: every id is in ``[0, vocab_size)``."""
+        return self._vocab_size
 
     @torch.no_grad()
     def nearest(self, x: torch.Tensor) -> torch.Tensor:
