@@ -60,7 +60,7 @@ def main() -> None:
 
     images, _ = fetch_fashion_mnist(subset="test", return_X_y=True)
     images = images[: args.images]
-    tok = LQAETokenizer(batch_size=256, device="cpu").fit(images)
+    tok = LQAETokenizer(output="ids", batch_size=256, device="cpu").fit(images)
     encode(tok, images[:512], "float32")  # warm up both paths
     encode(tok, images[:512], "bf16")
 

@@ -139,9 +139,11 @@ def _check_pool(labels, ways, shots, n_query, source) -> None:
               help="Class score: channel, the query's log-likelihood after each label (label-first "
                    "demonstrations); or loglik / mean_loglik, the label's total / per-token log-likelihood "
                    "after the query.")
-@click.option("--token-grid", type=click.IntRange(min=1), default=3, show_default=True, metavar="G",
+@click.option("--token-grid", type=click.IntRange(min=1), default=None, metavar="G",
               help="G x G tokens per image (LQAETokenizer(token_grid=G)); the checkpoint's patch grid (7 for "
-                   "the packaged one) writes one token per patch.")
+                   "the packaged one) writes one token per patch, as the paper does [default: the grid the "
+                   "checkpoint recommends for text, LQAETokenizer(output=\"text\")'s default: 3 for the "
+                   "packaged one].")
 @click.option("--instruction", default=None, metavar="TEXT",
               help='Task line before the demonstrations, e.g. "Answer with one of: {labels}." [default: none].')
 @click.option("--calibrate/--no-calibrate", default=False, show_default=True,
@@ -214,8 +216,9 @@ def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, 
         # The pixel baseline needs only the checkpoint's preprocessing, not its weights.
         tokenizer = None
         if uses_llm:
-            tokenizer = LQAETokenizer(checkpoint=checkpoint, output="ids", device=device or "auto",
-                                      token_grid=token_grid).fit()
+            # output="text" resolves the grid as the default text pipeline does; ids are read by encode.
+            tokenizer = LQAETokenizer(checkpoint=checkpoint, output="text", device=device or "auto",
+                                      token_grid="auto" if token_grid is None else token_grid).fit()
     except (CheckpointError, FileNotFoundError, ValueError, OSError, KeyError) as exc:
         raise UsageProblem(f"checkpoint {checkpoint or 'default'!r} cannot be used: {exc}") from exc
 
@@ -230,7 +233,7 @@ def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, 
     ids = pixels = None
     if uses_llm:  # only the images some episode uses are encoded, once
         ids = np.zeros((len(labels), tokenizer.n_tokens_), dtype=np.int64)
-        ids[used] = tokenizer.transform(images[used])
+        ids[used] = tokenizer.encode(images[used], ("ids",))["ids"]
     if "pixels" in methods:
         pixels = images.reshape(len(images), -1).astype(np.float32)
 
@@ -273,7 +276,8 @@ def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, 
     click.echo(format_table(cells, METHOD_TITLES))
     if json_path is not None:
         record = {"source": source, "checkpoint": str(checkpoint_path), "llm": llm or "embedded Gemma 3 270M",
-                  "scoring": scoring, "token_grid": token_grid, "instruction": instruction, "calibrate": calibrate,
+                  "scoring": scoring,
+                  "token_grid": tokenizer.token_grid_ if tokenizer is not None else token_grid, "instruction": instruction, "calibrate": calibrate,
                   "max_tokens_per_item": max_tokens_per_item, "seed": seed, "cells": cells}
         with open(json_path, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)

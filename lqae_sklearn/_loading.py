@@ -159,13 +159,15 @@ def cached_lqae(path: Path, config: dict, device: torch.device, language_model=N
     load_checkpoint verifies), so a checkpoint rewritten in place is loaded afresh
     even when its files keep their sizes and times. ``config`` is the checkpoint's, as the caller read it.
     """
+    key = (str(Path(path).resolve()), config["weights_sha256"], str(device), language_model)
+    if config.get("language_model") is None:  # a VQ-VAE: no LM to load or share
+        return LQAE_MODELS.get(key, lambda: load_checkpoint(path, device=device))
     lm_name = str(language_model or config["model"]["language_model"])
 
     def load():
         lm = LANGUAGE_MODELS.get((lm_name, str(device)), lambda: FrozenLanguageModel.from_pretrained(lm_name))
         return load_checkpoint(path, language_model=lm, device=device)
 
-    key = (str(Path(path).resolve()), config["weights_sha256"], str(device), language_model)
     return LQAE_MODELS.get(key, load)
 
 

@@ -16,26 +16,37 @@ class TokenVocabulary:
 
     Parameters
     ----------
-    pieces : sequence of str
-        The LM tokenizer's piece for every vocabulary id.
+    pieces : sequence of str or None
+        The LM tokenizer's piece for every vocabulary id; None for a learned
+        codebook, whose ids can be checked but not written as text.
     allowed_ids : array-like of int
         The ids the quantizer can choose (the codebook).
+    size : int or None, default=None
+        The id range when ``pieces`` is None.
     """
 
-    def __init__(self, pieces, allowed_ids):
-        self.pieces = np.asarray(pieces, dtype=object)
-        self.allowed = np.zeros(len(self.pieces), dtype=bool)
+    def __init__(self, pieces, allowed_ids, size=None):
+        self.pieces = None if pieces is None else np.asarray(pieces, dtype=object)
+        self.allowed = np.zeros(len(self.pieces) if pieces is not None else size, dtype=bool)
         self.allowed[np.asarray(allowed_ids)] = True
-        self.lookup = {piece: i for i, piece in enumerate(self.pieces) if self.allowed[i]}
+        self.lookup = {} if pieces is None else {p: i for i, p in enumerate(self.pieces) if self.allowed[i]}
 
     @classmethod
     def of(cls, model) -> "TokenVocabulary":
-        """The vocabulary of a loaded :class:`~lqae_sklearn.model.LQAE`."""
+        """The vocabulary of a loaded :class:`~lqae_sklearn.model.LQAE` (or VQVAE, whose codes have no pieces)."""
+        allowed = model.quantizer.allowed_ids.cpu().numpy()
+        if model.language_model is None:
+            return cls(None, allowed, size=model.quantizer.vocab_size)
         tokenizer = model.language_model.tokenizer
         if tokenizer is None:
             raise ValueError("the checkpoint's language model has no tokenizer, so tokens cannot be written as text")
         pieces = tokenizer.convert_ids_to_tokens(list(range(model.language_model.vocab_size)))
-        return cls(pieces, model.quantizer.allowed_ids.cpu().numpy())
+        return cls(pieces, allowed)
+
+    def _require_words(self) -> None:
+        if self.pieces is None:
+            raise ValueError("this checkpoint has a learned codebook (a VQ-VAE): its codes are not words of a "
+                             "language model, so they cannot be written as text")
 
     def check_ids(self, ids, n_tokens: int, what: str) -> np.ndarray:
         """``ids`` as int64 (n, n_tokens), every one a codebook token; else a ValueError naming the first bad one."""
@@ -60,10 +71,12 @@ class TokenVocabulary:
 
     def to_text(self, ids: np.ndarray) -> list[str]:
         """Checked ids (n, T) -> one string per row."""
+        self._require_words()
         return [" ".join(row) for row in self.pieces[ids].tolist()]
 
     def to_ids(self, texts, n_tokens: int) -> np.ndarray:
         """Strings of ``n_tokens`` codebook pieces each -> int64 ids (n, n_tokens); a ValueError names a bad one."""
+        self._require_words()
         if isinstance(texts, (str, bytes)):
             raise TypeError("texts must be a list of strings, one per image, not a single string")
         texts = list(texts.iloc[:, 0] if hasattr(texts, "columns") else np.asarray(texts, dtype=object).reshape(-1))

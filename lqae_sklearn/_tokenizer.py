@@ -48,15 +48,21 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         Folder or ``.safetensors`` file written by :func:`save_checkpoint`, or
         the name of a checkpoint shipped in ``lqae_sklearn/checkpoints``. None
         uses the shipped default, ``fashion-mnist-small-28``.
-    output : {"ids", "text", "embeddings"}, default="ids"
+    output : {"embeddings", "ids", "text"}, default="embeddings"
         What :meth:`transform` returns:
 
+        - ``"embeddings"``: float32 array (n_images, n_features): each chosen
+          layer's hidden states averaged over tokens, the layers concatenated
+          (with LM layers, the unmasked token sequence goes through the frozen
+          LM: the paper's linear-probe features). The default, because a
+          transformer's output feeds the next estimator: with every default,
+          ``Pipeline([LQAETokenizer(), LogisticRegression()])`` beats the same
+          ``LogisticRegression`` on raw pixels (``benchmarks/default_pipeline.py``,
+          ``docs/benchmarks.md``), whereas token ids read as numbers are
+          meaningless to a linear model;
         - ``"ids"``: int64 array (n_images, n_tokens) of vocabulary ids;
-        - ``"text"``: list of one string per image (format below);
-        - ``"embeddings"``: float32 array (n_images, n_features): the unmasked
-          token sequence through the frozen LM, each chosen layer's hidden
-          states averaged over tokens, the layers concatenated (the paper's
-          linear-probe features).
+        - ``"text"``: list of one string per image (format below), for
+          :class:`LLMFewShotClassifier` or a text vectorizer.
     layers : str or list of str, default="default"
         Layers concatenated by ``output="embeddings"``. Names come from
         ``model_.feature_layer_names()``: ``"encoder.1"`` ... (ViT encoder
@@ -78,16 +84,20 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         checked). None uses the checkpoint's.
     progress : bool, default=False
         Show a progress bar over batches.
-    token_grid : int or None, default=None
+    token_grid : "auto", int or None, default="auto"
         Side of the token grid. None writes one token per patch (7 x 7 = 49 for
-        the shipped checkpoint). An int ``g`` up to the patch grid averages the
-        encoder's output over ``g x g`` regions before the nearest-word search:
-        ``g * g`` coarser tokens per image, for LLM prompts, which are cheaper
-        the shorter they are (with the embedded Gemma 3 270M, 3 x 3 tokens
-        classified Fashion-MNIST episodes as accurately as 49, within the
-        confidence intervals, in a fifth to a third of the LLM time; see
-        ``docs/benchmarks.md``). :meth:`inverse_transform` spreads each coarse
-        token back over its patches, so its reconstructions are blockier. With
+        the shipped checkpoint), as the paper does. An int ``g`` up to the patch
+        grid averages the encoder's output over ``g x g`` regions before the
+        nearest-word search: ``g * g`` coarser tokens per image, for LLM prompts,
+        which are cheaper the shorter they are. ``"auto"`` is the grid the
+        checkpoint recommends for ``output="text"`` (its config's
+        ``inference.text_token_grid``: 3 for the shipped checkpoint, with which
+        the embedded Gemma 3 270M classified Fashion-MNIST episodes as accurately
+        from 3 x 3 tokens as from 49, within the confidence intervals, in a fifth
+        to a third of the LLM time; see ``docs/benchmarks.md``), and one token per
+        patch for the other outputs or a checkpoint that recommends nothing.
+        :meth:`inverse_transform` spreads each coarse token back over its
+        patches, so its reconstructions are blockier. With
         ``output="embeddings"``, LM layers read these tokens; encoder layers are
         unchanged.
 
@@ -109,7 +119,8 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
     layers_ : list of str
         The resolved ``layers``.
     token_grid_ : int
-        Side of the token grid in force (the patch grid when ``token_grid`` is None).
+        Side of the token grid in force (``token_grid`` resolved: the patch grid
+        for None, and for "auto" unless ``output="text"``).
     n_tokens_ : int
         Tokens per image, ``token_grid_ ** 2``.
     image_shape_ : tuple of int
@@ -160,8 +171,8 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
     >>> images, labels = fetch_fashion_mnist(subset="test", return_X_y=True)  # doctest: +SKIP
     >>> tok = LQAETokenizer(output="text").fit(images)  # doctest: +SKIP
     >>> texts = tok.transform(images[:2])  # doctest: +SKIP
-    >>> len(texts), len(texts[0].split())  # doctest: +SKIP
-    (2, 49)
+    >>> len(texts), len(texts[0].split())  # 3 x 3 coarse tokens: the checkpoint's choice for text  # doctest: +SKIP
+    (2, 9)
     """
 
     _parameter_constraints: dict = {
@@ -172,19 +183,19 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         "device": [str],
         "language_model": [None, str, os.PathLike],
         "progress": ["boolean"],
-        "token_grid": [Interval(Integral, 1, None, closed="left"), None],
+        "token_grid": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left"), None],
     }
 
     def __init__(
         self,
         checkpoint=None,
-        output="ids",
+        output="embeddings",
         layers="default",
         batch_size=None,
         device="auto",
         language_model=None,
         progress=False,
-        token_grid=None,
+        token_grid="auto",
     ):
         self.checkpoint = checkpoint
         self.output = output
@@ -223,9 +234,14 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         config = read_checkpoint_config(path)
         model_config = config["model"]
         grid = model_config["image_size"] // model_config["patch_size"]
-        if self.token_grid is not None and (isinstance(self.token_grid, bool) or self.token_grid > grid):
-            raise ValueError(f"token_grid must be None or an int from 1 to the checkpoint's patch grid ({grid}), "
-                             f"got {self.token_grid!r}")
+        token_grid = self._resolve_token_grid(config, grid)
+        if config.get("language_model") is None:  # a VQ-VAE: its codes are nobody's words
+            if self.output == "text":
+                raise ValueError(f"output='text' needs a checkpoint whose codebook is a language model's vocabulary; "
+                                 f"{str(path)!r} has a learned codebook (a VQ-VAE): use output='ids' or 'embeddings'")
+            if self.language_model is not None:
+                raise ValueError(f"language_model={self.language_model!r} was given, but {str(path)!r} is a VQ-VAE "
+                                 f"checkpoint with no language model")
         if X is not None:
             self._check_fit_input(X, config)
         device = resolve_device(self.device)
@@ -235,9 +251,8 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         self.checkpoint_config_ = copy.deepcopy(model.checkpoint_config)  # the cached model's is shared
         self.device_ = str(device)
         self.output_ = self.output
-        self.layers_ = resolve_layers(self.layers, model.feature_layer_names(), model.config.encoder_depth,
-                                      model.language_model.num_layers)
-        self.token_grid_ = int(self.token_grid) if self.token_grid is not None else grid
+        self.layers_ = resolve_layers(self.layers, model.feature_layer_names(), model.config.encoder_depth)
+        self.token_grid_ = token_grid
         self.n_tokens_ = self.token_grid_**2
         size, channels = model.config.image_size, model.config.in_channels
         self.image_shape_ = (size, size) if channels == 1 else (size, size, channels)
@@ -246,6 +261,23 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         self._fitted_with = {"device": self.device, "language_model": self.language_model}
         self._model = model
         return self
+
+    def _resolve_token_grid(self, config: dict, grid: int) -> int:
+        """``token_grid`` as a side length: "auto" reads the checkpoint's recommendation for text."""
+        if self.token_grid == "auto":
+            recommended = config.get("inference", {}).get("text_token_grid")
+            if self.output != "text" or recommended is None:
+                return grid
+            if isinstance(recommended, bool) or not isinstance(recommended, int) or not 1 <= recommended <= grid:
+                raise CheckpointError(f"checkpoint config's inference.text_token_grid must be an int from 1 to "
+                                      f"the patch grid ({grid}), got {recommended!r}")
+            return recommended
+        if self.token_grid is None:
+            return grid
+        if isinstance(self.token_grid, bool) or self.token_grid > grid:
+            raise ValueError(f"token_grid must be 'auto', None or an int from 1 to the checkpoint's patch grid "
+                             f"({grid}), got {self.token_grid!r}")
+        return int(self.token_grid)
 
     def _check_fit_input(self, X, config) -> None:
         """Refuse what cannot be images; flat rows go through scikit-learn's validation (sparse ones fail it)."""
@@ -502,23 +534,27 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
     def _layer_widths(self) -> dict:
         """Feature width of each resolved layer (encoder width or LM hidden size)."""
         model_config = self.checkpoint_config_["model"]
-        lm_width = self.checkpoint_config_["language_model"]["hidden_size"]
+        lm_width = (self.checkpoint_config_["language_model"] or {}).get("hidden_size")  # None: a VQ-VAE
         return {name: model_config["encoder_dim"] if name.startswith("encoder.") else lm_width for name in self.layers_}
 
 
 # -- parameter resolution --------------------------------------------------------------
-def resolve_layers(layers, names: list[str], encoder_depth: int, lm_layers: int) -> list[str]:
-    """The ``layers`` parameter -> a list of valid, distinct layer names."""
+def resolve_layers(layers, names: list[str], encoder_depth: int) -> list[str]:
+    """The ``layers`` parameter -> a list of valid, distinct layer names (``names`` lists no LM layer for a VQ-VAE)."""
+    lm = [n for n in names if n.startswith("lm.")]
     shortcuts = {
         "all": names,
         "encoder": [n for n in names if n.startswith("encoder.")],
-        "lm": [n for n in names if n.startswith("lm.")],
-        "last": [f"encoder.{encoder_depth}", f"lm.{lm_layers}"],
+        "lm": lm,
+        "last": [f"encoder.{encoder_depth}", *lm[-1:]],
         # Best measured on the shipped checkpoint (benchmarks/linear_probe.py, docs/benchmarks.md).
         "default": [n for n in names if n.startswith("encoder.")],
     }
     if isinstance(layers, str):
         if layers in shortcuts:
+            if not shortcuts[layers]:
+                raise ValueError(f"layers={layers!r}: this checkpoint has no language model (a VQ-VAE); its layers "
+                                 f"are {names}")
             return list(shortcuts[layers])
         layers = [layers]
     if not isinstance(layers, (list, tuple)) or not layers:

@@ -49,7 +49,9 @@ def _data(n_per_class=4, classes=("dax", "blicket", "wug"), seed=0, n_tokens=6):
 
 
 def _tiny(**params):
-    return LLMFewShotClassifier(tiny_model_dir(), random_state=0, **params)
+    """The tiny model with direct scoring unless told otherwise: most tests here read the direct prompt's text
+    (the default, channel, is pinned down in test_defaults.py and by the tests that ask for it)."""
+    return LLMFewShotClassifier(tiny_model_dir(), random_state=0, **{"label_scoring": "loglik", **params})
 
 
 # -- scikit-learn contract ------------------------------------------------------------------------------------
@@ -396,7 +398,11 @@ def test_pipeline_with_lqae_tokenizer_on_images(tmp_path):
     test = [2, 3, 6, 7]
     pipe.fit(images[train], labels[train])
     prompt = pipe.named_steps["fewshot"].prompt_prefix_
-    assert prompt.count("Input: ") == 4 and len(prompt.split("\n")[0].split()) == 1 + 49  # 49 tokens per image
+    # The default (channel) demonstration is "{label}: {input}"; this checkpoint recommends no text grid, so
+    # each image writes one token per patch, 49.
+    lines = prompt.rstrip("\n").split("\n")
+    assert len(lines) == 4 and {line.split(": ", 1)[0] for line in lines} == {"dax", "blicket"}
+    assert all(len(line.split(": ", 1)[1].split()) == 49 for line in lines)
     proba = pipe.predict_proba(images[test])
     assert proba.shape == (4, 2)
     np.testing.assert_allclose(proba.sum(1), 1.0)

@@ -45,12 +45,12 @@ def close_figures():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return LQAETokenizer(device="cpu").fit()
+    return LQAETokenizer(device="cpu", output="ids").fit()
 
 
 @pytest.fixture(scope="module")
 def coarse_tokenizer():
-    return LQAETokenizer(device="cpu", token_grid=3).fit()
+    return LQAETokenizer(device="cpu", output="ids", token_grid=3).fit()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def rgb_tokenizer(tmp_path_factory, minilm):
 
     torch.manual_seed(0)
     path = save_checkpoint(LQAE(tiny_config(in_channels=3), minilm).eval(), tmp_path_factory.mktemp("rgb") / "ck")
-    return LQAETokenizer(path, device="cpu").fit()
+    return LQAETokenizer(path, device="cpu", output="ids").fit()
 
 
 def _texts(display):

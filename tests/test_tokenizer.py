@@ -45,7 +45,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def fitted(checkpoint):
-    return LQAETokenizer(checkpoint, batch_size=8).fit()
+    return LQAETokenizer(checkpoint, batch_size=8, output="ids").fit()
 
 
 def model_input(images: np.ndarray, tok: LQAETokenizer) -> torch.Tensor:
@@ -69,9 +69,9 @@ def test_ids_are_the_models_nearest_tokens(fitted, images):
 
 
 def test_transform_is_deterministic_and_independent_of_batch_size(checkpoint, images):
-    a = LQAETokenizer(checkpoint, batch_size=3).fit().encode(images, ("ids", "embeddings"))
-    b = LQAETokenizer(checkpoint, batch_size=64).fit().encode(images, ("ids", "embeddings"))
-    c = LQAETokenizer(checkpoint, batch_size=64).fit().encode(images, ("ids", "embeddings"))
+    a = LQAETokenizer(checkpoint, batch_size=3, output="ids").fit().encode(images, ("ids", "embeddings"))
+    b = LQAETokenizer(checkpoint, batch_size=64, output="ids").fit().encode(images, ("ids", "embeddings"))
+    c = LQAETokenizer(checkpoint, batch_size=64, output="ids").fit().encode(images, ("ids", "embeddings"))
     np.testing.assert_array_equal(b["ids"], c["ids"])
     np.testing.assert_array_equal(b["embeddings"], c["embeddings"])
     np.testing.assert_array_equal(a["ids"], b["ids"])
@@ -186,14 +186,14 @@ def test_inverse_transform_reconstructs_images(fitted, images):
 
 
 def test_coarse_token_grid_pools_the_encoder_output(checkpoint, images):
-    full = LQAETokenizer(checkpoint).fit()
+    full = LQAETokenizer(checkpoint, output="ids").fit()
     x = model_input(images, full)
     with torch.inference_mode():
         z = full.model_.encoder(x)  # (N, 49, 384)
         # 1 x 1: the nearest word to the image's mean latent; 7 x 7: the patch tokens themselves.
         mean_token = to_numpy(full.model_.quantizer.nearest(z.mean(dim=1, keepdim=True)))
-    np.testing.assert_array_equal(LQAETokenizer(checkpoint, token_grid=1).fit().transform(images), mean_token)
-    np.testing.assert_array_equal(LQAETokenizer(checkpoint, token_grid=7).fit().transform(images), full.transform(images))
+    np.testing.assert_array_equal(LQAETokenizer(checkpoint, token_grid=1, output="ids").fit().transform(images), mean_token)
+    np.testing.assert_array_equal(LQAETokenizer(checkpoint, token_grid=7, output="ids").fit().transform(images), full.transform(images))
 
     coarse = LQAETokenizer(checkpoint, token_grid=3, output="text").fit()
     assert coarse.n_tokens_ == 9 and coarse.get_feature_names_out().tolist() == ["lqaetokenizer_text"]
@@ -213,11 +213,11 @@ def test_coarse_token_grid_pools_the_encoder_output(checkpoint, images):
     with pytest.raises(ValueError, match=r"must have shape \(n_images, 9\)"):
         coarse.inverse_transform(full.transform(images))
     for bad in (8, True):  # 8 is larger than the patch grid: it would upsample
-        with pytest.raises(ValueError, match=rf"token_grid must be None or an int from 1 to .* \(7\), got {bad}"):
-            LQAETokenizer(checkpoint, token_grid=bad).fit()
+        with pytest.raises(ValueError, match=rf"token_grid must be 'auto', None or an int from 1 to .* \(7\), got {bad}"):
+            LQAETokenizer(checkpoint, token_grid=bad, output="ids").fit()
     for bad in (0, 2.5):
         with pytest.raises(ValueError, match="The 'token_grid' parameter of LQAETokenizer must be"):
-            LQAETokenizer(checkpoint, token_grid=bad).fit()
+            LQAETokenizer(checkpoint, token_grid=bad, output="ids").fit()
 
 
 # -- inputs ------------------------------------------------------------------------------
@@ -287,7 +287,7 @@ def test_bad_items_raise_errors_naming_them(fitted, images, tmp_path):
 
 # -- fitting, devices, caching -------------------------------------------------------------
 def test_unfitted_estimator_refuses_to_transform(checkpoint, images):
-    tok = LQAETokenizer(checkpoint)
+    tok = LQAETokenizer(checkpoint, output="ids")
     with pytest.raises(NotFittedError):
         check_is_fitted(tok)
     with pytest.raises(NotFittedError):
@@ -299,21 +299,21 @@ def test_unfitted_estimator_refuses_to_transform(checkpoint, images):
 def test_fit_validates_parameters(checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r"The 'output' parameter of LQAETokenizer must be a str among"):
         LQAETokenizer(checkpoint, output="pixels").fit()
-    with pytest.raises(ValueError, match=r"The 'token_grid' parameter of LQAETokenizer must be an int"):
-        LQAETokenizer(checkpoint, token_grid=0).fit()
+    with pytest.raises(ValueError, match=r"The 'token_grid' parameter of LQAETokenizer must be a str among {'auto'}, an int"):
+        LQAETokenizer(checkpoint, token_grid=0, output="ids").fit()
     with pytest.raises(ValueError, match=r"unknown layers \['lm.99'\]"):
-        LQAETokenizer(checkpoint, layers=["lm.99"]).fit()
+        LQAETokenizer(checkpoint, layers=["lm.99"], output="ids").fit()
     with pytest.raises(ValueError, match="twice"):
-        LQAETokenizer(checkpoint, layers=["lm.1", "lm.1"]).fit()
+        LQAETokenizer(checkpoint, layers=["lm.1", "lm.1"], output="ids").fit()
     with pytest.raises(ValueError, match=r"The 'batch_size' parameter of LQAETokenizer must be an int in the range"):
-        LQAETokenizer(checkpoint, batch_size=0).fit()
+        LQAETokenizer(checkpoint, batch_size=0, output="ids").fit()
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        LQAETokenizer(tmp_path / "nowhere").fit()
+        LQAETokenizer(tmp_path / "nowhere", output="ids").fit()
     with pytest.raises(ValueError, match="device"):
-        LQAETokenizer(checkpoint, device="quantum").fit()
+        LQAETokenizer(checkpoint, device="quantum", output="ids").fit()
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="config.json"):
-        LQAETokenizer(tmp_path / "empty").fit()
+        LQAETokenizer(tmp_path / "empty", output="ids").fit()
 
 
 def test_device_auto_uses_cuda_only_when_present(fitted):
@@ -324,11 +324,11 @@ def test_device_auto_uses_cuda_only_when_present(fitted):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_explicit_cuda_without_cuda_is_an_error(checkpoint):
     with pytest.raises(ValueError, match="not available on this machine"):
-        LQAETokenizer(checkpoint, device="cuda").fit()
+        LQAETokenizer(checkpoint, device="cuda", output="ids").fit()
 
 
 def test_default_checkpoint_is_used_when_none_is_given():
-    tok = LQAETokenizer()
+    tok = LQAETokenizer(output="ids")
     if DEFAULT_CHECKPOINT.exists():
         assert tok.fit().checkpoint_ == str(DEFAULT_CHECKPOINT)
     else:
@@ -337,13 +337,13 @@ def test_default_checkpoint_is_used_when_none_is_given():
 
 
 def test_refits_and_clones_share_one_loaded_model(checkpoint, tmp_path):
-    a = LQAETokenizer(checkpoint).fit()
+    a = LQAETokenizer(checkpoint, output="ids").fit()
     b = LQAETokenizer(checkpoint, output="text").fit()
     assert a.model_ is b.model_
     assert a.fit().model_ is b.model_
     # A rewritten checkpoint is a new model, not a stale cache entry.
     copy = save_checkpoint(a.model_, tmp_path / "copy")
-    first = LQAETokenizer(copy).fit().model_
+    first = LQAETokenizer(copy, output="ids").fit().model_
     stamps = {p.name: (p.stat().st_atime_ns, p.stat().st_mtime_ns, p.stat().st_size) for p in copy.iterdir()}
     torch.manual_seed(1)
     save_checkpoint(LQAE(preset_config("small-28"), a.model_.language_model).eval(), copy)
@@ -352,7 +352,7 @@ def test_refits_and_clones_share_one_loaded_model(checkpoint, tmp_path):
         os.utime(p, ns=(atime, mtime))
         if p.name == "model.safetensors":
             assert p.stat().st_size == size
-    second = LQAETokenizer(copy).fit()
+    second = LQAETokenizer(copy, output="ids").fit()
     assert second.model_ is not first
     assert second._weights_sha256 == read_checkpoint_config(copy)["weights_sha256"] != first.checkpoint_config["weights_sha256"]
     for _ in range(LQAE_MODELS.max_items + 2):  # bounded: old entries leave
@@ -386,7 +386,7 @@ def test_unfitted_estimator_pickles_as_its_parameters(checkpoint):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="simulates unpickling on a machine without CUDA")
 def test_cuda_pickle_loads_on_a_cpu_machine_with_a_warning(checkpoint, images):
-    tok = LQAETokenizer(checkpoint, batch_size=8).fit()
+    tok = LQAETokenizer(checkpoint, batch_size=8, output="ids").fit()
     expected = tok.transform(images)
     state = tok.__getstate__()
     state.update(device="cuda", device_="cuda", _fitted_with={"device": "cuda", "language_model": None})  # fitted on a GPU machine
@@ -413,7 +413,7 @@ def test_cuda_pickle_loads_on_a_cpu_machine_with_a_warning(checkpoint, images):
 
 def test_unpickled_estimator_refuses_a_changed_or_missing_checkpoint(fitted, images, tmp_path):
     path = save_checkpoint(fitted.model_, tmp_path / "ck")
-    tok = LQAETokenizer(path).fit()
+    tok = LQAETokenizer(path, output="ids").fit()
     data = pickle.dumps(tok)
     torch.manual_seed(2)
     save_checkpoint(LQAE(preset_config("small-28"), fitted.model_.language_model).eval(), path)
@@ -427,7 +427,7 @@ def test_unpickled_estimator_refuses_a_changed_or_missing_checkpoint(fitted, ima
 
 # -- feature names and pandas output --------------------------------------------------------
 def test_feature_names_follow_the_output(checkpoint, images):
-    tok = LQAETokenizer(checkpoint, layers=["encoder.4", "lm.6"], batch_size=8).fit()
+    tok = LQAETokenizer(checkpoint, layers=["encoder.4", "lm.6"], batch_size=8, output="ids").fit()
     assert list(tok.get_feature_names_out()) == [f"lqaetokenizer_token{i}" for i in range(49)]
     tok.set_params(output="text").fit()
     assert list(tok.get_feature_names_out()) == ["lqaetokenizer_text"]
@@ -454,7 +454,7 @@ def test_set_output_pandas(checkpoint, images):
 
 # -- parameters take effect at fit; flat rows; feature names ---------------------------------
 def test_parameters_that_decide_the_output_take_effect_only_at_fit(checkpoint, images):
-    tok = LQAETokenizer(checkpoint, token_grid=3, batch_size=4).fit()
+    tok = LQAETokenizer(checkpoint, token_grid=3, batch_size=4, output="ids").fit()
     coarse = tok.transform(images)
     names = tok.get_feature_names_out()
     tok.set_params(token_grid=None, output="text", layers="all")
@@ -469,9 +469,9 @@ def test_parameters_that_decide_the_output_take_effect_only_at_fit(checkpoint, i
 
 
 def test_flat_rows_are_images_and_fit_records_their_width_and_names(checkpoint, images):
-    expected = LQAETokenizer(checkpoint).fit(images).transform(images)
+    expected = LQAETokenizer(checkpoint, output="ids").fit(images).transform(images)
     flat = images.reshape(len(images), -1)
-    tok = LQAETokenizer(checkpoint).fit(flat)
+    tok = LQAETokenizer(checkpoint, output="ids").fit(flat)
     assert tok.n_features_in_ == 784 and not hasattr(tok, "feature_names_in_")
     np.testing.assert_array_equal(tok.transform(flat), expected)
     np.testing.assert_array_equal(tok.transform(flat / 255.0), expected)  # floats in [0, 1] too
@@ -479,7 +479,7 @@ def test_flat_rows_are_images_and_fit_records_their_width_and_names(checkpoint, 
 
     columns = [f"pixel{i + 1}" for i in range(784)]  # as fetch_openml("Fashion-MNIST", as_frame=True)
     frame = pd.DataFrame(flat, columns=columns)
-    tok = LQAETokenizer(checkpoint).fit(frame)
+    tok = LQAETokenizer(checkpoint, output="ids").fit(frame)
     assert list(tok.feature_names_in_) == columns
     np.testing.assert_array_equal(tok.transform(frame), expected)
     tok.get_feature_names_out(columns)  # the fitted names are accepted ...
@@ -490,8 +490,8 @@ def test_flat_rows_are_images_and_fit_records_their_width_and_names(checkpoint, 
 
     with pytest.raises(ValueError, match=r"X has 700 features per row, but this checkpoint reads flat rows of "
                                          r"28 x 28 x 1 = 784 pixels"):
-        LQAETokenizer(checkpoint).fit(flat[:, :700])
+        LQAETokenizer(checkpoint, output="ids").fit(flat[:, :700])
     with pytest.raises(ValueError, match="X has 700 features, but LQAETokenizer is expecting 784 features"):
-        LQAETokenizer(checkpoint).fit(flat).transform(flat[:, :700])
+        LQAETokenizer(checkpoint, output="ids").fit(flat).transform(flat[:, :700])
     with pytest.raises(ValueError, match="Input X contains NaN"):
-        LQAETokenizer(checkpoint).fit(np.full((2, 784), np.nan))
+        LQAETokenizer(checkpoint, output="ids").fit(np.full((2, 784), np.nan))

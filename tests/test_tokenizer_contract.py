@@ -83,7 +83,7 @@ def test_fit_on_images_returns_self_leaves_params_and_adds_only_fitted_attribute
     is idempotent), on real images and on their flat rows."""
     X, y = two_classes
     for data in (X, X.reshape(len(X), -1)):
-        tok = LQAETokenizer(checkpoint=str(checkpoint), layers=["encoder.4"], batch_size=8)
+        tok = LQAETokenizer(checkpoint=str(checkpoint), output="ids", layers=["encoder.4"], batch_size=8)
         params_before = joblib.hash(tok.get_params())
         public_before = {k for k in vars(tok) if not k.startswith("_")}
         assert tok.fit(data, y) is tok
@@ -101,7 +101,7 @@ def test_clone_and_params(checkpoint):
     params = tok.get_params()
     assert params == {
         "checkpoint": checkpoint, "output": "embeddings", "layers": ["lm.6"], "batch_size": 32,
-        "device": "auto", "language_model": None, "progress": False, "token_grid": None,
+        "device": "auto", "language_model": None, "progress": False, "token_grid": "auto",
     }
     copy = clone(tok.fit())
     assert copy.get_params() == params and copy.get_params()["layers"] is not tok.layers
@@ -128,7 +128,7 @@ def test_pipeline_with_a_linear_probe(checkpoint, two_classes):
 def test_text_output_feeds_a_bag_of_tokens_probe(checkpoint, two_classes):
     X, y = two_classes
     bag = Pipeline([
-        ("tokenizer", LQAETokenizer(checkpoint, output="text", batch_size=16)),
+        ("tokenizer", LQAETokenizer(checkpoint, output="text", token_grid=None, batch_size=16)),
         ("count", CountVectorizer(analyzer=str.split)),
         ("classify", LogisticRegression(max_iter=1000)),
     ])

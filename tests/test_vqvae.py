@@ -354,3 +354,31 @@ def test_lqae_train_rejects_bad_codebook_settings(tmp_path, monkeypatch, setting
     result = CliRunner().invoke(train_cli.main, ["--preset", "small-28-vqvae", "--set", setting, "--out", str(tmp_path)])
     assert result.exit_code == 2 and message in result.output, result.output
 
+
+
+# -- LQAETokenizer on a VQ-VAE checkpoint ---------------------------------------------------
+def test_the_tokenizer_reads_a_vqvae_checkpoint_without_any_language_model(tmp_path, no_lm, fmnist_uint8):
+    from lqae_sklearn import LQAETokenizer
+
+    model = tiny_vqvae().eval()
+    path = save_checkpoint(model, tmp_path / "vq")
+    images = fmnist_uint8[:6]
+    expected_ids = model.encode(torch.from_numpy(images[:, None] / 255.0).float()).numpy()
+
+    ids = LQAETokenizer(path, output="ids").fit().transform(images)
+    np.testing.assert_array_equal(ids, expected_ids)
+    tok = LQAETokenizer(path).fit()  # the default output: encoder features
+    assert tok.layers_ == ["encoder.1"] and tok.transform(images).shape == (6, 64)
+    assert len(tok.get_feature_names_out()) == 64
+    assert LQAETokenizer(path, layers="last").fit().layers_ == ["encoder.1"]
+    np.testing.assert_allclose(tok.inverse_transform(ids), model.decode(torch.from_numpy(ids)).detach().numpy()[:, 0],
+                               atol=1e-6)
+
+    with pytest.raises(ValueError, match="learned codebook .*output='ids' or 'embeddings'"):
+        LQAETokenizer(path, output="text").fit()
+    with pytest.raises(ValueError, match="no language model"):
+        LQAETokenizer(path, layers="lm").fit()
+    with pytest.raises(ValueError, match="VQ-VAE checkpoint with no language model"):
+        LQAETokenizer(path, language_model="all-MiniLM-L6-v2").fit()
+    with pytest.raises(ValueError, match="cannot be written as text"):
+        tok.ids_to_text(ids)

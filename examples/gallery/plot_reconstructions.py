@@ -19,7 +19,7 @@ from lqae_sklearn.plotting import ReconstructionDisplay
 
 folder = Path("../fashion-mnist")  # examples/fashion-mnist; the examples run from examples/gallery/
 paths = [min(d.glob("*.png")) for d in sorted(folder.iterdir()) if d.is_dir()]  # one per class
-tokenizer = LQAETokenizer().fit()
+tokenizer = LQAETokenizer(output="ids").fit()
 
 display = ReconstructionDisplay.from_estimator(tokenizer, paths)
 display.ax_.set_title("49 tokens per image")

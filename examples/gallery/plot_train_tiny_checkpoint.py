@@ -56,7 +56,7 @@ plt.show()
 # %%
 # The checkpoint is a folder (``config.json`` + ``model.safetensors``); the
 # tokenizer takes its path.
-tokenizer = LQAETokenizer(checkpoint=checkpoint).fit()
+tokenizer = LQAETokenizer(checkpoint=checkpoint, output="ids").fit()
 paths = [min(d.glob("*.png")) for d in sorted(folder.iterdir()) if d.is_dir()]
 print(tokenizer.n_tokens_, "tokens per image:", tokenizer.transform(paths[:1]))
 ReconstructionDisplay.from_estimator(tokenizer, paths)

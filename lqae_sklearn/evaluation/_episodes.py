@@ -331,8 +331,8 @@ class LLMEpisodeRunner:
     --------
     >>> from lqae_sklearn import LLMFewShotClassifier, LQAETokenizer
     >>> from lqae_sklearn.evaluation import LLMEpisodeRunner, episode_accuracies, sample_episodes
-    >>> tokenizer = LQAETokenizer(token_grid=3).fit()
-    >>> runner = LLMEpisodeRunner(LLMFewShotClassifier(label_scoring="channel"), tokenizer.ids_to_text)
+    >>> tokenizer = LQAETokenizer(output="ids", token_grid=3).fit()
+    >>> runner = LLMEpisodeRunner(LLMFewShotClassifier(), tokenizer.ids_to_text)
     >>> ids, y = tokenizer.transform(images), labels  # doctest: +SKIP
     >>> episodes = sample_episodes(y, n_way=2, n_shot=1, n_query=1, n_episodes=10)  # doctest: +SKIP
     >>> episode_accuracies(episodes, lambda e: runner(e, ids)[0]).mean()  # doctest: +SKIP

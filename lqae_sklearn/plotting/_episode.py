@@ -210,8 +210,8 @@ class FewShotEpisodeDisplay:
         >>> from lqae_sklearn.plotting import FewShotEpisodeDisplay
         >>> X = ["examples/fashion-mnist/bag/00018.png", "examples/fashion-mnist/sneaker/00012.png"]
         >>> y = ["dax", "blicket"]
-        >>> few_shot = make_pipeline(LQAETokenizer(output="text", token_grid=3),
-        ...                          LLMFewShotClassifier(label_scoring="channel")).fit(X, y)  # doctest: +SKIP
+        >>> few_shot = make_pipeline(LQAETokenizer(output="text"),
+        ...                          LLMFewShotClassifier()).fit(X, y)  # doctest: +SKIP
         >>> display = FewShotEpisodeDisplay.from_estimator(
         ...     few_shot, X, y, "examples/fashion-mnist/bag/00030.png", query_label="dax")  # doctest: +SKIP
         >>> display.proba.shape  # doctest: +SKIP
