@@ -29,7 +29,7 @@ def test_encode_dataset_writes_resumes_and_reports(tmp_path, folder, checkpoint,
     assert first == {"encoded": 5, "already": 0, "failed": 1, "interrupted": False}
     table = pq.read_table(out)
     assert table.num_rows == 5 and set(table["label"].to_pylist()) == {"boots"}
-    tokenizer = LQAETokenizer(checkpoint=checkpoint, device="cpu").fit()
+    tokenizer = LQAETokenizer(checkpoint=checkpoint, output="ids", device="cpu").fit()
     by_path = dict(zip(table["path"].to_pylist(), table["ids"].to_pylist()))
     expected = tokenizer.transform(fashion[0][:5])
     for i in range(5):
@@ -59,9 +59,11 @@ def test_batch_encoder_adds_the_tokenizer_outputs_as_columns(checkpoint, fashion
     images = fashion[0][:6]
     batch = encoder({"image": images, "id": np.arange(6)})
     np.testing.assert_array_equal(batch["id"], np.arange(6))
-    fitted = LQAETokenizer(checkpoint=checkpoint, output="ids", device="cpu").fit()
-    np.testing.assert_array_equal(batch["ids"], fitted.transform(images))
-    assert list(batch["text"]) == fitted.set_params(output="text").fit().transform(images)
+    # The ids and the text come from one pass at the text output's token grid ("auto": the checkpoint's).
+    fitted = LQAETokenizer(checkpoint=checkpoint, output="text", device="cpu").fit()
+    np.testing.assert_array_equal(batch["ids"], fitted.encode(images, ("ids",))["ids"])
+    assert list(batch["text"]) == fitted.transform(images)
+    assert batch["ids"].shape[1] == fitted.n_tokens_
     assert BatchEncoder(tokenizer)({"image": images})["text"].shape == (6,)  # default: the tokenizer's output
     with pytest.raises(KeyError, match="no column 'image'.*pixels"):
         encoder({"pixels": images})

@@ -207,7 +207,7 @@ def test_features_come_from_the_encoder_only(model, fmnist_batch):
     assert features.shape == (16, 64) and torch.equal(features, again)
     torch.testing.assert_close(features, layers[0].mean(dim=1))
     assert torch.equal(ids, model.encode(fmnist_batch))
-    with pytest.raises(ValueError, match=r"unknown feature layers \['lm.0'\] \(a VQVAE has no language model\)"):
+    with pytest.raises(ValueError, match=r"unknown feature layers \['lm.0'\] \(this model has no language model\)"):
         model.features(fmnist_batch, ["lm.0"])
 
 

@@ -5,10 +5,12 @@ embeddings (:class:`FrozenLanguageModel`), the LM itself and a ViT decoder,
 configured by an :class:`LQAEConfig` (named presets in :data:`PRESETS`).
 :class:`VQVAE` is the paper's baseline: the same encoder and decoder around a
 learned codebook (:class:`LearnedQuantizer`), no language model;
-:func:`build_model` builds either from a config. :func:`save_checkpoint` /
+:class:`TokenAutoencoder` is what the two share (encoding, decoding, probe
+features); :func:`build_model` builds either from a config. :func:`save_checkpoint` /
 :func:`load_checkpoint` write and read both as JSON + safetensors.
 """
 
+from ._autoencoder import TokenAutoencoder
 from ._build import build_model
 from ._checkpoint import (
     DEFAULT_CHECKPOINT,
@@ -20,9 +22,10 @@ from ._checkpoint import (
 )
 from ._config import DEFAULT_LANGUAGE_MODEL, PRESETS, LQAEConfig, preset_config
 from ._language_model import FrozenLanguageModel
-from ._lqae import LQAE, LQAEOutput, pool_tokens, unpool_tokens
 from ._learned_quantizer import LearnedQuantizer
+from ._lqae import LQAE, LQAEOutput
 from ._quantizer import LanguageQuantizer
+from ._tokens import pool_tokens, unpool_tokens
 from ._vqvae import VQVAE
 
 __all__ = [
@@ -36,6 +39,7 @@ __all__ = [
     "LQAEOutput",
     "LanguageQuantizer",
     "LearnedQuantizer",
+    "TokenAutoencoder",
     "VQVAE",
     "build_model",
     "load_checkpoint",

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._autoencoder import TokenAutoencoder
 from ._config import LQAEConfig
 from ._language_model import FrozenLanguageModel
 from ._quantizer import LanguageQuantizer
@@ -65,8 +66,13 @@ class LQAEOutput:
     mlm_loss: torch.Tensor
 
 
-class LQAE(nn.Module):
+class LQAE(TokenAutoencoder):
     """Encoder, frozen-codebook quantizer, frozen LM and decoder.
+
+    Encoding, decoding and probe features (``encode``, ``decode``, ``features``,
+    ``encode_with_features``, ``feature_layer_names``) are
+    :class:`TokenAutoencoder`'s; here the decoder reads the frozen LM's hidden
+    states over the tokens' word embeddings.
 
     Parameters
     ----------
@@ -114,120 +120,24 @@ class LQAE(nn.Module):
         """
         return {k: v for k, v in self.state_dict().items() if not k.startswith("language_model.")}
 
-    def trainable_parameters(self):
-        return [p for p in self.parameters() if p.requires_grad]
-
-    # -- inference -------------------------------------------------------------------
-    def encode(self, images: torch.Tensor, token_grid: int | None = None) -> torch.Tensor:
-        """Images (B, C, H, W) in [0, 1] -> token ids (B, T), row-major over the patch grid.
-
-        Parameters
-        ----------
-        images : torch.Tensor
-            Float images (B, C, H, W) in [0, 1].
-        token_grid : int or None, default=None
-            ``g`` averages the encoder's output over a g x g grid of regions before
-            the nearest-word search: g * g coarser tokens (see :func:`pool_tokens`).
-
-        Returns
-        -------
-        torch.Tensor
-            Token ids (B, T), int64.
-        """
-        return self.quantizer.nearest(pool_tokens(self.encoder(images), token_grid))
-
+    # -- how the decoder reads tokens ---------------------------------------------------
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.language_model.codebook)
 
-    def decode(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> images (B, C, H, W) clamped to [0, 1].
-
-        Ids of a coarser token grid (T = g * g < the patch count) are first spread
-        back over the patch grid, each to the patches nearest its region.
+    def read_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's input for token ids (B, T): the frozen LM's hidden states over their word embeddings.
 
         Parameters
         ----------
         ids : torch.Tensor
-            Token ids (B, T).
+            Token ids (B, T) over the patch grid.
 
         Returns
         -------
         torch.Tensor
-            Images (B, C, H, W) in [0, 1].
+            The LM's last hidden states (B, T, hidden_size).
         """
-        grid = self.config.grid_size
-        if ids.shape[1] != grid * grid:
-            ids = unpool_tokens(ids, grid)
-        hidden = self.language_model(self.embed_ids(ids))
-        return self.decoder(hidden).clamp(0, 1)
-
-    def feature_layer_names(self) -> list[str]:
-        """Names accepted by :meth:`features`: encoder blocks, then LM hidden states.
-
-        ``"encoder.1"`` is the output of the first encoder block; ``"lm.0"`` is the
-        LM's embedding layer output (token + position embeddings) and ``"lm.N"``
-        the output of its N-th layer.
-
-        Returns
-        -------
-        list of str
-            The layer names, in network order.
-        """
-        enc = [f"encoder.{i}" for i in range(1, self.config.encoder_depth + 1)]
-        return enc + [f"lm.{i}" for i in range(self.language_model.num_layers + 1)]
-
-    def features(self, images: torch.Tensor, layers: list[str]) -> torch.Tensor:
-        """Token-averaged hidden states of the named layers, concatenated (B, sum of widths).
-
-        The unmasked token sequence goes through the frozen LM, as for the
-        paper's linear probe.
-
-        Parameters
-        ----------
-        images : torch.Tensor
-            Float images (B, C, H, W) in [0, 1].
-        layers : list of str
-            Names from :meth:`feature_layer_names`.
-
-        Returns
-        -------
-        torch.Tensor
-            Features (B, sum of the layers' widths).
-        """
-        return self.encode_with_features(images, layers)[1]
-
-    def encode_with_features(self, images: torch.Tensor, layers: list[str], with_ids: bool = True,
-                             token_grid: int | None = None):
-        """Token ids and :meth:`features` from one encoder pass (and one LM pass).
-
-        Parameters
-        ----------
-        images : torch.Tensor
-            Float images (B, C, H, W) in [0, 1].
-        layers : list of str
-            Names from :meth:`feature_layer_names`; empty for no features.
-        with_ids : bool, default=True
-            Return the ids (they are computed anyway when an LM layer needs them).
-        token_grid : int or None, default=None
-            As in :meth:`encode`; the LM then reads the ``token_grid`` tokens.
-
-        Returns
-        -------
-        ids : torch.Tensor or None
-            Token ids (B, T), or None.
-        features : torch.Tensor or None
-            Features (B, sum of widths), or None when ``layers`` is empty.
-        """
-        if not layers:
-            return (self.encode(images, token_grid) if with_ids else None), None
-        z, enc_layers = self.encoder(images, return_layers=True)
-        by_name = {f"encoder.{i + 1}": h for i, h in enumerate(enc_layers)}
-        need_lm = any(name.startswith("lm.") for name in layers)
-        ids = self.quantizer.nearest(pool_tokens(z, token_grid)) if with_ids or need_lm else None
-        if need_lm:
-            lm_layers = self.language_model(self.embed_ids(ids), output_hidden_states=True)
-            by_name.update({f"lm.{i}": h for i, h in enumerate(lm_layers)})
-        return ids, torch.cat([by_name[name].float().mean(dim=1) for name in layers], dim=1)
+        return self.language_model(self.embed_ids(ids))
 
     # -- training --------------------------------------------------------------------
     def forward(self, images: torch.Tensor, mask_ratio: float | None = None, generator=None) -> LQAEOutput:
@@ -267,70 +177,6 @@ class LQAE(nn.Module):
             mlm_loss = recon_loss.new_zeros(())
         loss = recon_loss + c.commitment_weight * commitment + c.mlm_weight * mlm_loss
         return LQAEOutput(reconstruction, ids, mask, loss, recon_loss, commitment, mlm_loss)
-
-
-def pool_tokens(z: torch.Tensor, token_grid: int | None) -> torch.Tensor:
-    """Average (B, n*n, D) patch latents over a ``token_grid`` x ``token_grid`` grid of regions.
-
-    Region edges follow ``adaptive_avg_pool2d`` (regions overlap by a patch when
-    the grids do not divide). None, or the patch grid itself, returns ``z``.
-
-    Parameters
-    ----------
-    z : torch.Tensor
-        Patch latents (B, n * n, D) over an n x n patch grid.
-    token_grid : int or None
-        Side of the coarse grid.
-
-    Returns
-    -------
-    pooled : torch.Tensor
-        (B, token_grid ** 2, D), or ``z`` itself.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from lqae_sklearn.model import pool_tokens
-    >>> pool_tokens(torch.ones(2, 49, 8), 3).shape
-    torch.Size([2, 9, 8])
-    """
-    grid = int(round(z.shape[1] ** 0.5))
-    if token_grid is None or token_grid == grid:
-        return z
-    b, _, d = z.shape
-    pooled = F.adaptive_avg_pool2d(z.transpose(1, 2).reshape(b, d, grid, grid).float(), token_grid)
-    return pooled.flatten(2).transpose(1, 2).to(z.dtype)
-
-
-def unpool_tokens(ids: torch.Tensor, grid: int) -> torch.Tensor:
-    """Ids of a coarse g x g token grid (B, g*g) -> (B, grid*grid): each patch takes its nearest region's id.
-
-    Parameters
-    ----------
-    ids : torch.Tensor
-        Token ids (B, g * g) of a coarse grid.
-    grid : int
-        Side of the patch grid (at least g).
-
-    Returns
-    -------
-    ids : torch.Tensor
-        (B, grid * grid): patch ``p`` of a row takes region ``p * g // grid``.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from lqae_sklearn.model import unpool_tokens
-    >>> unpool_tokens(torch.tensor([[1, 2, 3, 4]]), 3)
-    tensor([[1, 1, 2, 1, 1, 2, 3, 3, 4]])
-    """
-    b, t = ids.shape
-    coarse = int(round(t**0.5))
-    if coarse * coarse != t or coarse > grid:
-        raise ValueError(f"{t} tokens per image do not form a square grid of at most {grid} x {grid}")
-    index = (torch.arange(grid, device=ids.device) * coarse) // grid  # region row/column of each patch
-    square = ids.view(b, coarse, coarse)
-    return square[:, index][:, :, index].reshape(b, grid * grid)
 
 
 def _init_weights(module: nn.Module) -> None:

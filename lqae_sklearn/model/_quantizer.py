@@ -57,8 +57,8 @@ class LanguageQuantizer(nn.Module):
     >>> import torch
     >>> from lqae_sklearn.model import LanguageQuantizer
     >>> quantizer = LanguageQuantizer(torch.eye(4), excluded_ids=[0])
-    >>> quantizer.codebook_size
-    4
+    >>> quantizer.codebook_size, quantizer.vocab_size  # row 0 can never be chosen
+    (3, 4)
     """
 
     def __init__(self, codebook: torch.Tensor, excluded_ids=(), chunk_size: int = 8192, rescore_top_k: int = 8):

@@ -10,24 +10,24 @@ codebook term trains the codes, the commitment term the encoder (see
 ``LQAEOutput.commitment_loss``, so ``loss = reconstruction_loss + (1 +
 commitment_weight) * commitment_loss``; there is no masking and no MLM term.
 
-It has the LQAE's interface (``encode``, ``decode``, ``features``, ``forward``
-returning an :class:`LQAEOutput`, ``trainable_state_dict``, ...), so tokenizers,
-trainers and checkpoints use either; its ``language_model`` is None.
+It shares the LQAE's encoding, decoding and probe features
+(:class:`TokenAutoencoder`) and its ``forward`` returns an :class:`LQAEOutput`, so
+tokenizers, trainers and checkpoints use either; its ``language_model`` is None.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from ._autoencoder import TokenAutoencoder
 from ._config import LQAEConfig
 from ._learned_quantizer import LearnedQuantizer
-from ._lqae import LQAEOutput, _init_weights, pool_tokens, unpool_tokens
+from ._lqae import LQAEOutput, _init_weights
 from ._vit import ViTDecoder, ViTEncoder
 
 
-class VQVAE(nn.Module):
+class VQVAE(TokenAutoencoder):
     """Encoder, learned-codebook quantizer and decoder: the paper's VQ-VAE baseline.
 
     Parameters
@@ -85,112 +85,24 @@ class VQVAE(nn.Module):
         """
         return dict(self.state_dict())
 
-    def trainable_parameters(self):
-        return [p for p in self.parameters() if p.requires_grad]
-
-    # -- inference -------------------------------------------------------------------
-    def encode(self, images: torch.Tensor, token_grid: int | None = None) -> torch.Tensor:
-        """Images (B, C, H, W) in [0, 1] -> code ids (B, T), row-major over the patch grid.
-
-        Parameters
-        ----------
-        images : torch.Tensor
-            Float images (B, C, H, W) in [0, 1].
-        token_grid : int or None, default=None
-            ``g`` averages the encoder's output over a g x g grid of regions before
-            the nearest-code search: g * g coarser tokens (see :func:`pool_tokens`).
-
-        Returns
-        -------
-        torch.Tensor
-            Code ids (B, T), int64, in ``[0, codebook_size)``.
-        """
-        return self.quantizer.nearest(pool_tokens(self.encoder(images), token_grid))
-
+    # -- how the decoder reads tokens ---------------------------------------------------
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.quantizer.embed(ids)
 
-    def decode(self, ids: torch.Tensor) -> torch.Tensor:
-        """Code ids (B, T) -> images (B, C, H, W) clamped to [0, 1].
-
-        Ids of a coarser token grid (T = g * g < the patch count) are first spread
-        back over the patch grid, each to the patches nearest its region.
+    def read_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's input for code ids (B, T): the codes themselves.
 
         Parameters
         ----------
         ids : torch.Tensor
-            Code ids (B, T).
+            Code ids (B, T) over the patch grid.
 
         Returns
         -------
         torch.Tensor
-            Images (B, C, H, W) in [0, 1].
+            Their codes (B, T, encoder_dim).
         """
-        grid = self.config.grid_size
-        if ids.shape[1] != grid * grid:
-            ids = unpool_tokens(ids, grid)
-        return self.decoder(self.embed_ids(ids)).clamp(0, 1)
-
-    def feature_layer_names(self) -> list[str]:
-        """Names accepted by :meth:`features`: the encoder blocks (there is no LM).
-
-        Returns
-        -------
-        list of str
-            ``"encoder.1"`` (the output of the first encoder block) to
-            ``"encoder.{encoder_depth}"``.
-        """
-        return [f"encoder.{i}" for i in range(1, self.config.encoder_depth + 1)]
-
-    def features(self, images: torch.Tensor, layers: list[str]) -> torch.Tensor:
-        """Token-averaged hidden states of the named encoder blocks, concatenated (B, sum of widths).
-
-        Parameters
-        ----------
-        images : torch.Tensor
-            Float images (B, C, H, W) in [0, 1].
-        layers : list of str
-            Names from :meth:`feature_layer_names`.
-
-        Returns
-        -------
-        torch.Tensor
-            Features (B, encoder_dim x len(layers)).
-        """
-        return self.encode_with_features(images, layers)[1]
-
-    def encode_with_features(self, images: torch.Tensor, layers: list[str], with_ids: bool = True,
-                             token_grid: int | None = None):
-        """Code ids and :meth:`features` from one encoder pass.
-
-        Parameters
-        ----------
-        images : torch.Tensor
-            Float images (B, C, H, W) in [0, 1].
-        layers : list of str
-            Names from :meth:`feature_layer_names`; empty for no features.
-        with_ids : bool, default=True
-            Return the ids.
-        token_grid : int or None, default=None
-            As in :meth:`encode`.
-
-        Returns
-        -------
-        ids : torch.Tensor or None
-            Code ids (B, T), or None.
-        features : torch.Tensor or None
-            Features (B, sum of widths), or None when ``layers`` is empty.
-        """
-        names = self.feature_layer_names()
-        unknown = [name for name in layers if name not in names]
-        if unknown:
-            raise ValueError(f"unknown feature layers {unknown} (a VQVAE has no language model); choose from {names}")
-        if not layers:
-            return (self.encode(images, token_grid) if with_ids else None), None
-        z, enc_layers = self.encoder(images, return_layers=True)
-        by_name = dict(zip(names, enc_layers))
-        ids = self.quantizer.nearest(pool_tokens(z, token_grid)) if with_ids else None
-        return ids, torch.cat([by_name[name].float().mean(dim=1) for name in layers], dim=1)
+        return self.embed_ids(ids)
 
     # -- training --------------------------------------------------------------------
     def forward(self, images: torch.Tensor, mask_ratio: float | None = None, generator=None) -> LQAEOutput:
