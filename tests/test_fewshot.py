@@ -61,13 +61,19 @@ def _tiny(**params):
 BATCH_ROUNDING = ("float32 scores of a query differ by ~1e-6 with the other queries in its batch (padding); "
                   "the checks allow 1e-7")
 EXPECTED_FAILED_CHECKS = {
-    "check_methods_sample_order_invariance": BATCH_ROUNDING,
-    "check_methods_subset_invariance": BATCH_ROUNDING,
+    "loglik": {
+        "check_methods_sample_order_invariance": BATCH_ROUNDING,
+        "check_methods_subset_invariance": BATCH_ROUNDING,
+    },
+    # Under channel scoring (the default), reordering the queries left their scores within 1e-7 on the tiny
+    # model (passed on 2026-11-30); taking a subset still moves them.
+    "channel": {"check_methods_subset_invariance": BATCH_ROUNDING},
 }
 
 
-@parametrize_with_checks([LLMFewShotClassifier(tiny_model_dir(), random_state=0)],
-                         expected_failed_checks=lambda estimator: EXPECTED_FAILED_CHECKS)
+@parametrize_with_checks([LLMFewShotClassifier(tiny_model_dir(), random_state=0),
+                          LLMFewShotClassifier(tiny_model_dir(), label_scoring="loglik", random_state=0)],
+                         expected_failed_checks=lambda estimator: EXPECTED_FAILED_CHECKS[estimator.label_scoring])
 def test_scikit_learn_common_checks(estimator, check):
     check(estimator)
 
