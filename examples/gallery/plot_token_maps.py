@@ -26,8 +26,10 @@ display.ax_.set_title("sneaker: one word per 4 x 4 patch")
 plt.show()
 
 # %%
-# The words are exactly what ``transform`` gives as text, row by row:
-text = LQAETokenizer(output="text").fit().transform([sneaker])[0]
+# The words are exactly what ``transform`` gives as text, row by row, with one
+# token per patch (``token_grid=None``; text defaults to the checkpoint's coarser
+# 3 x 3 grid, below):
+text = LQAETokenizer(output="text", token_grid=None).fit().transform([sneaker])[0]
 print(text)
 assert [t.get_text() for t in display.texts_] == text.split(" ")
 
@@ -35,7 +37,8 @@ assert [t.get_text() for t in display.texts_] == text.split(" ")
 # Most words describe the black border (``soto``, ``william``); the object's
 # patches get other words. With ``token_grid=3`` the encoder's outputs are
 # averaged over 3 x 3 regions first: nine words per image, the short texts
-# that keep few-shot prompts cheap. Each cell is the block of patches its
+# that keep few-shot prompts cheap (``LQAETokenizer(output="text")`` writes
+# these by default). Each cell is the block of patches its
 # word stands for.
 coarse = LQAETokenizer(token_grid=3).fit()
 classes = ["sneaker", "bag", "trouser", "dress"]
