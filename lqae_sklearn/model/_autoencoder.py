@@ -30,6 +30,9 @@ class TokenAutoencoder(nn.Module):
     (True, torch.Size([1, 1, 28, 28]))
     """
 
+    def __init__(self) -> None:  # no arguments: the subclass builds the parts from its config
+        super().__init__()
+
     def read_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """The decoder's input (B, T, width) for token ids (B, T) over the patch grid.
 
