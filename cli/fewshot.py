@@ -276,8 +276,8 @@ def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, 
     click.echo(format_table(cells, METHOD_TITLES))
     if json_path is not None:
         record = {"source": source, "checkpoint": str(checkpoint_path), "llm": llm or "embedded Gemma 3 270M",
-                  "scoring": scoring,
-                  "token_grid": tokenizer.token_grid_ if tokenizer is not None else token_grid, "instruction": instruction, "calibrate": calibrate,
+                  "scoring": scoring, "token_grid": tokenizer.token_grid_ if tokenizer is not None else token_grid,
+                  "instruction": instruction, "calibrate": calibrate,
                   "max_tokens_per_item": max_tokens_per_item, "seed": seed, "cells": cells}
         with open(json_path, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)
