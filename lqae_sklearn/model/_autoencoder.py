@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ._tokens import pool_tokens, unpool_tokens
+from ._vit import ViTDecoder, ViTEncoder
 
 
 class TokenAutoencoder(nn.Module):
@@ -166,3 +167,22 @@ class TokenAutoencoder(nn.Module):
             by_name.update({f"lm.{i}": h for i, h in enumerate(lm_layers)})
         return ids, torch.cat([by_name[name].float().mean(dim=1) for name in layers], dim=1)
 
+
+def vit_encoder_decoder(config, token_width: int) -> tuple[ViTEncoder, ViTDecoder]:
+    """The config's ViT encoder (out: ``token_width``) and decoder (in: ``token_width``), initialised."""
+    c = config
+    encoder = ViTEncoder(c.image_size, c.patch_size, c.in_channels, c.encoder_dim, c.encoder_depth,
+                         c.encoder_heads, c.mlp_ratio, c.block, out_dim=token_width)
+    decoder = ViTDecoder(c.image_size, c.patch_size, c.in_channels, c.decoder_dim, c.decoder_depth,
+                         c.decoder_heads, c.mlp_ratio, c.block, in_dim=token_width)
+    for part in (encoder, decoder):
+        part.apply(_init_weights)
+    return encoder, decoder
+
+
+def _init_weights(module: nn.Module) -> None:
+    # Linear layers and the patch embedding; depthwise convs keep PyTorch's default.
+    if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)

@@ -13,13 +13,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ._autoencoder import TokenAutoencoder
+from ._autoencoder import TokenAutoencoder, vit_encoder_decoder
 from ._config import LQAEConfig
 from ._language_model import FrozenLanguageModel
 from ._quantizer import LanguageQuantizer
-from ._vit import ViTDecoder, ViTEncoder
 
 
 @dataclass
@@ -96,18 +94,10 @@ class LQAE(TokenAutoencoder):
         lm = language_model if language_model is not None else FrozenLanguageModel.from_pretrained(config.language_model)
         self.language_model = lm
         c = config
-        self.encoder = ViTEncoder(
-            c.image_size, c.patch_size, c.in_channels, c.encoder_dim, c.encoder_depth,
-            c.encoder_heads, c.mlp_ratio, c.block, out_dim=lm.hidden_size,
-        )
+        self.encoder, decoder = vit_encoder_decoder(c, lm.hidden_size)  # tokens are LM-width word embeddings
         excluded = lm.excluded_token_ids() if c.codebook_exclude == "special" else []
         self.quantizer = LanguageQuantizer(lm.codebook, excluded, rescore_top_k=c.rescore_top_k)
-        self.decoder = ViTDecoder(
-            c.image_size, c.patch_size, c.in_channels, c.decoder_dim, c.decoder_depth,
-            c.decoder_heads, c.mlp_ratio, c.block, in_dim=lm.hidden_size,
-        )
-        for part in (self.encoder, self.decoder):
-            part.apply(_init_weights)
+        self.decoder = decoder
 
     # -- the trained part ------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -177,11 +167,3 @@ class LQAE(TokenAutoencoder):
             mlm_loss = recon_loss.new_zeros(())
         loss = recon_loss + c.commitment_weight * commitment + c.mlm_weight * mlm_loss
         return LQAEOutput(reconstruction, ids, mask, loss, recon_loss, commitment, mlm_loss)
-
-
-def _init_weights(module: nn.Module) -> None:
-    # Linear layers and the patch embedding; depthwise convs keep PyTorch's default.
-    if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)

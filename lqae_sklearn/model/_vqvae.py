@@ -20,11 +20,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._autoencoder import TokenAutoencoder
+from ._autoencoder import TokenAutoencoder, vit_encoder_decoder
 from ._config import LQAEConfig
 from ._learned_quantizer import LearnedQuantizer
-from ._lqae import LQAEOutput, _init_weights
-from ._vit import ViTDecoder, ViTEncoder
+from ._lqae import LQAEOutput
 
 
 class VQVAE(TokenAutoencoder):
@@ -62,17 +61,9 @@ class VQVAE(TokenAutoencoder):
         self.language_model = None
         c = config
         # As the official baseline, the encoder's output goes to the quantizer as it is: codes are encoder_dim wide.
-        self.encoder = ViTEncoder(
-            c.image_size, c.patch_size, c.in_channels, c.encoder_dim, c.encoder_depth,
-            c.encoder_heads, c.mlp_ratio, c.block, out_dim=c.encoder_dim,
-        )
+        self.encoder, decoder = vit_encoder_decoder(c, c.encoder_dim)
         self.quantizer = LearnedQuantizer(c.codebook_size, c.encoder_dim)
-        self.decoder = ViTDecoder(
-            c.image_size, c.patch_size, c.in_channels, c.decoder_dim, c.decoder_depth,
-            c.decoder_heads, c.mlp_ratio, c.block, in_dim=c.encoder_dim,
-        )
-        for part in (self.encoder, self.decoder):
-            part.apply(_init_weights)
+        self.decoder = decoder
 
     # -- the trained part ------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
