@@ -134,9 +134,9 @@ def main(argv=None) -> dict:
     lm_layers = [n for n in model.feature_layer_names() if n.startswith("lm.")]
     layers = encoder_layers + lm_layers
     X_train, y_train = fetch_fashion_mnist(subset="train", return_X_y=True)
-    X_test, y_test = fetch_fashion_mnist(subset="test", return_X_y=True)
+    X_pool_all, y_pool_all = fetch_fashion_mnist(subset="test", return_X_y=True)  # the episodes' pool too
     X_train, y_train = X_train[: args.train_limit], y_train[: args.train_limit]
-    X_test, y_test = X_test[: args.test_limit], y_test[: args.test_limit]
+    X_test, y_test = X_pool_all[: args.test_limit], y_pool_all[: args.test_limit]
     result = {"checkpoint": str(args.checkpoint), "model": config["model"],
               "training_steps": config.get("training", {}).get("steps"),
               "train_images": len(X_train), "test_images": len(X_test)}
@@ -175,7 +175,6 @@ def main(argv=None) -> dict:
         result["linear_probe"]["LM-layer features (every hidden state)"] = None
 
     # Few-shot cells: the test split's first pool-per-class images of each class, as in fewshot_eval.py.
-    X_pool_all, y_pool_all = fetch_fashion_mnist(subset="test", return_X_y=True)
     pool = np.sort(np.concatenate([np.flatnonzero(y_pool_all == c)[: args.pool_per_class]
                                    for c in np.unique(y_pool_all)]))
     pool_images, pool_labels = X_pool_all[pool], y_pool_all[pool]
