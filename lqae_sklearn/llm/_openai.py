@@ -32,12 +32,12 @@ Only the standard library is used (``urllib``). Errors:
   :class:`LLMServerError` naming the problem.
 
 Redirects. The API key goes to the configured server only. urllib's own redirect
-handler copies every header, ``Authorization`` included, to wherever a ``Location``
+handler copies the request's headers, ``Authorization`` included, to wherever a ``Location``
 points, and turns a redirected POST (301, 302, 303) into a GET without its body. So
 redirects are followed only within the configured origin (same scheme, host and
 port): ``GET`` on any redirect status, ``POST`` on 307 and 308, re-sent with its body
 as those statuses require. Anything else raises :class:`LLMServerError` at once,
-before a byte goes to the new location: a redirect to another host or port names
+before a byte goes to the new location: a redirect to another origin names
 both origins (the key is never sent there, nor anything else; if the new address is
 right, pass it as ``base_url``), and a 301/302/303 answer to a ``POST`` says the
 request would have lost its body.
@@ -379,7 +379,7 @@ def _show_origin(origin: tuple[str, str, int | None]) -> str:
 class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
     """urllib's redirect handling, kept within the configured server's origin.
 
-    The stock handler re-sends every header (the ``Authorization`` one too) to any
+    The stock handler re-sends the request's headers (``Authorization`` too) to any
     ``Location`` and turns a redirected POST into a GET; see the module notes.
     """
 
