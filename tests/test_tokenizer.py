@@ -7,10 +7,12 @@ test does not depend on training).
 
 from __future__ import annotations
 
+import ast
 import os
 import pickle
 import re
 import warnings
+from pathlib import Path
 
 import joblib
 import numpy as np
@@ -22,11 +24,12 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
-from lqae_sklearn import LQAE, LQAETokenizer, preset_config, save_checkpoint
+from lqae_sklearn import LQAE, DeviceWarning, LQAETokenizer, clear_model_cache, preset_config, save_checkpoint
+from lqae_sklearn import _loading
 from lqae_sklearn.model import DEFAULT_CHECKPOINT, CheckpointError, read_checkpoint_config
 from lqae_sklearn._images import ImageLoadError
-from lqae_sklearn import DeviceWarning
 from lqae_sklearn._loading import LQAE_MODELS
+from lqae_sklearn._model_cache import ModelCache
 
 from conftest import fashion_mnist_subset
 
@@ -359,6 +362,73 @@ def test_refits_and_clones_share_one_loaded_model(checkpoint, tmp_path):
         torch.manual_seed(len(LQAE_MODELS) + 7)
         LQAETokenizer(save_checkpoint(LQAE(preset_config("small-28"), a.model_.language_model).eval(), copy)).fit()
     assert len(LQAE_MODELS) == LQAE_MODELS.max_items
+
+
+def test_a_checkpoint_replaced_while_loading_is_never_cached_under_the_old_checksum(fitted, images, tmp_path,
+                                                                                     monkeypatch):
+    """lqae-train saving to the folder between fit's read of the config (A) and the load of the weights (B)."""
+    path = save_checkpoint(fitted.model_, tmp_path / "ck")
+    config_a = read_checkpoint_config(path)
+    expected_a = fitted.transform(images)
+    torch.manual_seed(3)
+    model_b = LQAE(preset_config("small-28"), fitted.model_.language_model).eval()
+    real_load = _loading.load_checkpoint
+
+    def replaced_then_loaded(*args, **kwargs):
+        save_checkpoint(model_b, path)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(_loading, "load_checkpoint", replaced_then_loaded)
+    tok = LQAETokenizer(path, output="ids")
+    try:
+        tok.fit()
+    except CheckpointError as error:
+        raised = error
+    else:
+        raised = None
+    monkeypatch.undo()
+    for key, model in LQAE_MODELS.items():  # every model under its own checksum, whatever fit did
+        assert key[1] == model.checkpoint_config["weights_sha256"], f"{key[1]} holds {model.checkpoint_config['weights_sha256']}"
+    assert raised is not None and "was replaced while it was being loaded" in str(raised)
+    assert not hasattr(tok, "checkpoint_")  # the failed fit left it unfitted
+    # The new weights are found under their own checksum; putting A back gives A's tokens, not B's.
+    sha_b = read_checkpoint_config(path)["weights_sha256"]
+    assert LQAETokenizer(path, output="ids").fit()._weights_sha256 == sha_b != config_a["weights_sha256"]
+    save_checkpoint(fitted.model_, path)
+    np.testing.assert_array_equal(LQAETokenizer(path, output="ids").fit().transform(images), expected_a)
+
+
+def test_the_model_caches_import_no_circle_and_clear_together():
+    """_loading and llm._cache both build on _model_cache, which imports nothing of the package; clearing
+    goes through the registry, not through an import of llm."""
+    root = Path(_loading.__file__).parent
+
+    def imports(relative: str, package: str) -> set:
+        names = set()
+        for node in ast.walk(ast.parse((root / relative).read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                names.add(".".join(base + ([node.module] if node.module else [])))
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        return names
+
+    loading = imports("_loading.py", "lqae_sklearn")
+    llm_cache = imports("llm/_cache.py", "lqae_sklearn.llm")
+    assert not any(name.startswith("lqae_sklearn.llm") for name in loading), loading
+    assert "lqae_sklearn._loading" not in llm_cache, llm_cache
+    bottom = imports("_model_cache.py", "lqae_sklearn")
+    assert "lqae_sklearn._model_cache" in loading and "lqae_sklearn._model_cache" in llm_cache
+    assert not any(name.startswith("lqae_sklearn") for name in bottom), bottom
+
+    from lqae_sklearn.llm import _cache as llm_cache_module
+
+    scratch = ModelCache(max_items=1)
+    caches = (LQAE_MODELS, _loading.LANGUAGE_MODELS, llm_cache_module.LOADED_MODELS, scratch)
+    for cache in caches:
+        cache.get(("test entry",), object)
+    clear_model_cache()
+    assert [("test entry",) in cache for cache in caches] == [False] * len(caches)
 
 
 # -- pickling ------------------------------------------------------------------------------
