@@ -1,6 +1,9 @@
 """Decoding unusual and broken image files (lqae_sklearn._images), with real files."""
 
+import builtins
+import errno
 import os
+import re
 import struct
 import zlib
 
@@ -8,10 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lqae_sklearn._images import ImageLoadError, load_image, normalize_mode, prepare_image, to_model_input
+from lqae_sklearn._images import ImageLoadError, image_source, load_image, normalize_mode, prepare_image, to_model_input
 
 GRAY28 = {"image_size": 28, "color_mode": "L", "resample": "bilinear"}
 RGB28 = {"image_size": 28, "color_mode": "RGB", "resample": "bilinear"}
+
+
+@pytest.fixture(autouse=True)
+def _ok_png(tmp_path):
+    Image.new("L", (4, 4)).save(tmp_path / "ok.png")
 
 
 def write_bilevel_png(path, width, height):
@@ -140,12 +148,26 @@ def test_folder_and_missing_file(tmp_path):
         load_image(tmp_path / "missing.png")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_unreadable_file(tmp_path):
-    Image.new("L", (4, 4)).save(tmp_path / "secret.png")
-    os.chmod(tmp_path / "secret.png", 0)
-    with pytest.raises(ImageLoadError, match="permission denied"):
-        load_image(tmp_path / "secret.png")
+def test_unreadable_file(tmp_path, monkeypatch):
+    """Permission denied, also under root (which reads any file whatever its mode bits, as CI runs): the open
+    of that one path is refused as the kernel refuses it, and the error names the file."""
+    secret = tmp_path / "secret.png"
+    Image.new("L", (4, 4)).save(secret)
+    real_open = builtins.open
+
+    def open_refusing_the_secret(file, *args, **kwargs):
+        if os.fspath(file) == str(secret):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(secret))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_refusing_the_secret)  # Pillow opens files with builtins.open
+    with pytest.raises(ImageLoadError, match="permission denied") as info:
+        load_image(secret)
+    assert info.value.item == str(secret) and str(secret) in str(info.value)
+    assert isinstance(info.value.__cause__, PermissionError)
+    with pytest.raises(ImageLoadError, match=re.escape(f"X[1] ({str(secret)!r}): permission denied")):
+        image_source([tmp_path / "ok.png", secret], GRAY28).batch(1, 2)
+    assert load_image(tmp_path / "ok.png").size == (4, 4)  # other files open as usual
 
 
 def test_prepare_image_matches_to_model_input(tmp_path):
@@ -158,3 +180,4 @@ def test_prepare_image_matches_to_model_input(tmp_path):
         np.testing.assert_array_equal(model_input, expected.astype(np.float32) / 255.0)
         # An already prepared uint8 array goes through unchanged.
         np.testing.assert_array_equal(to_model_input(prepared, preprocessing), model_input)
+
