@@ -8,10 +8,10 @@ decoder, MLM cross-entropy) one graph, and its backward another, and CUDA runs a
 
 Compile modes (``TrainConfig.compile_mode``): the default (None) fuses and schedules kernels, no
 CUDA graphs. ``"reduce-overhead"`` also records CUDA graphs, which removes the per-kernel launch
-cost; that matters when a step is short, not at the paper's scale (a step of ~0.2 s, during which
-the host has long queued the next one) and it holds its own memory pool. ``"max-autotune"`` and
-``"max-autotune-no-cudagraphs"`` also benchmark matmul kernels per shape at compile time, which
-takes many minutes at the paper's scale and rarely beats cuBLAS on large bf16 matmuls.
+cost: that matters when a step is short, less at the paper's scale (a few hundred ms of GPU work
+in large kernels, queued ahead by a host that never waits), and it holds its own memory pool.
+``"max-autotune"`` and ``"max-autotune-no-cudagraphs"`` also benchmark candidate matmul kernels for
+every shape while compiling. ``benchmarks/gpu_paper_scale.py`` measures the modes.
 """
 
 from __future__ import annotations
