@@ -9,9 +9,9 @@ would not fit is recorded as skipped), all writing into ``docs/results/gpu_paper
 (a part run again replaces its own records; each part measures the bf16 matmul rate again, so every
 MFU is against a rate measured in the same run)::
 
-    python benchmarks/gpu_paper_scale.py --part train      # standard ViT block, ~5 min
-    python benchmarks/gpu_paper_scale.py --part official   # the official LQAE block, ~5 min
-    python benchmarks/gpu_paper_scale.py --part encode     # encoding, ~4 min
+    python benchmarks/gpu_paper_scale.py --part train      # standard ViT block, est. 5 min
+    python benchmarks/gpu_paper_scale.py --part official   # the official LQAE block, est. 5 min
+    python benchmarks/gpu_paper_scale.py --part encode     # encoding, est. 4 min (estimates from the 2026-11-28 compile times)
 
 - ``train`` (standard block): FLOPs per image; the *plain* step (eager; the MLM logits of the masked
   rows materialised in float32; AdamW with torch's defaults) and the plain step with each module
