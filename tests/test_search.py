@@ -99,6 +99,14 @@ def near_tie_case():
     for r in range(150, 170):
         rows[r] = unit(centre + 1e-7 * torch.randn(dim, generator=g))
     queries.append(centre)
+    # Fifteen copies of a query, each one ulp off in one component (either way): exact scores
+    # ~1e-9 apart, below float32's rounding of the scores, so their float32 order is noise.
+    for first in (210, 225, 240):
+        q = unit(torch.randn(dim, generator=g))
+        for k in range(15):
+            rows[first + k] = q
+            rows[first + k][k] = nudge(q[k : k + 1], 1 if k % 2 else -1)[0]
+        queries.append(q)
     queries += list(unit(torch.randn(20, dim, generator=g)))
     return torch.stack(queries), rows
 
@@ -162,6 +170,43 @@ def test_the_int8_error_bound_holds_for_every_pair(monkeypatch):
     error = (torch.cat(c["scores"], dim=1).double() - exact).abs()
     assert (error <= bound).all()
     assert (error / bound).max() > 0.05  # and is not vacuous
+
+
+def test_with_rows_int8_holds_exactly_the_whole_error_is_the_querys():
+    """Rows of integers times 2**-6 with a largest entry of 63: int8 holds them exactly, so the row term
+    of the bound is 0 and only the query term can cover the error (the search does not need unit rows)."""
+    g = torch.Generator().manual_seed(8)
+    ints = torch.randint(-62, 63, (2000, 16), generator=g)
+    ints[torch.arange(2000), torch.randint(0, 16, (2000,), generator=g)] = 63
+    rows = ints.float() * 2.0**-6
+    flat = unit(rows[:300] + 0.5 * torch.randn(300, 16, generator=g))
+    search = ExactSearch(rows)
+    search.nearest(flat[:1], "int8")
+    assert search._int8.error.max() == 0  # exact in int8
+    expected = exact_nearest(flat, rows)
+    scores, _, _ = search._int8.scores(flat)
+    scores_of_expected = scores.gather(1, torch.argsort(search._int8.order)[expected][:, None])[:, 0]
+    assert (scores.amax(1) > scores_of_expected).sum() >= 3  # int8 scores alone rank another row first
+    assert torch.equal(search.nearest(flat, "int8"), expected)
+
+
+def test_the_float32_error_bound_holds_for_every_pair(monkeypatch):
+    """|H - s| <= e for every (query, row) of the float32 scores, s in float64 (error ~1e-16)."""
+    flat, rows = reordering_case()
+    captured = {}
+    original = _search.candidate_pairs
+
+    def capture(scores, alpha, beta, const, u, v, **kwargs):
+        captured.update(scores=scores, alpha=alpha, beta=beta, const=const, u=u, v=v)
+        return original(scores, alpha, beta, const, u, v, **kwargs)
+
+    monkeypatch.setattr(_search, "candidate_pairs", capture)
+    ExactSearch(rows).nearest(flat, "float32")
+    c = captured
+    bound = c["alpha"][:, None] * c["u"] + c["beta"][:, None] * c["v"] + c["const"][:, None]
+    error = (torch.cat(c["scores"], dim=1).double() - flat.double() @ rows.double().T).abs()
+    assert (error <= bound).all()
+    assert error.max() > 0  # float32 rounding is there to bound
 
 
 @pytest.mark.parametrize("scores", SCORES)
