@@ -223,7 +223,7 @@ def test_random_data_at_scale_both_searches_agree_with_float64(scores):
     assert torch.equal(got, scores64.argmax(1))
 
 
-def test_zero_queries_get_the_first_row_and_bad_values_are_refused():
+def test_zero_queries_get_the_first_row_no_queries_no_ids_and_bad_values_are_refused():
     rows = unit(torch.randn(50, 16, generator=torch.Generator().manual_seed(4)))
     search = ExactSearch(rows)
     flat = torch.zeros(3, 16)
@@ -232,6 +232,7 @@ def test_zero_queries_get_the_first_row_and_bad_values_are_refused():
         assert search.nearest(flat, scores).tolist() == [0, 7, 0]  # a zero query scores 0 with every row
         with pytest.raises(ValueError, match="NaN or infinite"):
             search.nearest(torch.full((2, 16), float("nan")), scores)
+        assert search.nearest(torch.zeros(0, 16), scores).shape == (0,)  # no queries, no ids
 
 
 def test_the_float32_search_ignores_reduced_precision_matmul_settings():

@@ -105,7 +105,7 @@ def _block_max(scores: torch.Tensor) -> torch.Tensor:
     """Largest score in each block of :data:`ROW_BLOCK` columns (the last one may be short)."""
     m, n = scores.shape
     full = n // ROW_BLOCK * ROW_BLOCK
-    parts = [scores[:, :full].view(m, -1, ROW_BLOCK).amax(-1)] if full else []
+    parts = [scores[:, :full].view(m, full // ROW_BLOCK, ROW_BLOCK).amax(-1)] if full else []
     if full < n:
         parts.append(scores[:, full:].amax(-1, keepdim=True))
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
@@ -236,7 +236,7 @@ class ExactSearch:
         out = torch.zeros(flat.shape[0], dtype=torch.long)  # a zero query scores 0 everywhere: row 0
         nonzero = torch.nonzero(flat.abs().amax(1) > 0).flatten()
         with torch.autocast("cpu", enabled=False):
-            for block in nonzero.split(TOKEN_BLOCK[scores]):
+            for block in nonzero.split(TOKEN_BLOCK[scores]) if len(nonzero) else ():  # split(empty) gives one
                 q = flat[block]
                 queries, candidates = candidates_of(q)
                 out[block] = self.decide(q, queries, candidates)
