@@ -8,8 +8,8 @@ float32 unit query is largest, the lowest row on exact ties.
   bound, every row inside the bound decided in float64 and, for ties, in exact arithmetic.
   Both give the same ids by construction (the proof is in ``_search``'s notes).
   ``LQAE_CPU_SEARCH`` chooses: ``auto`` (the default) uses int8 where a one-off
-  measurement finds its scores clearly faster (:func:`~lqae_sklearn.model._search.cpu_int8_is_faster`)
-  and the kernel's sums exact, float32 elsewhere; ``float32`` and ``int8`` force one;
+  measurement finds the int8 search clearly faster and the kernel's sums exact
+  (:func:`~lqae_sklearn.model._search.cpu_int8_is_faster`), float32 elsewhere; ``float32`` and ``int8`` force one;
   ``bf16`` is the *rescored* search below (opt-in on CPUs with native bf16).
 - *rescored* (CUDA, and ``LQAE_CPU_SEARCH=bf16``): every row scored in bf16, then the best
   ``rescore_top_k`` (8) rescored in float32. Not exact by construction: a row whose bf16

@@ -32,8 +32,8 @@ for a per-query scale ``c_t > 0`` (which orders the rows as ``s`` does):
   epilogue (``A`` times ``sw_r``) adds at most ``rho |sw_r A| <= rho ||xq_t|| ||w^_r||``, with
   ``rho = 2**-20`` (it rounds once or twice, ``<= 2**-23``; measured ``2**-24``). So
   ``u_r = ||W_r - w^_r||``, ``v_r = ||w^_r||``, ``alpha_t = ||q_t|| / sx_t`` and
-  ``beta_t = ||q_t - x^_t|| / sx_t + rho ||xq_t||``, every norm computed exactly per row and
-  per query in float64 and rounded up. The premise is that ``A`` is exact. The integer sums
+  ``beta_t = ||q_t - x^_t|| / sx_t + rho ||xq_t||``, every norm computed per row and per query
+  in float64 and enlarged past its rounding error. The premise is that ``A`` is exact. The integer sums
   are below 2**24, and a u8 x s8 pair sums to at most 2 * 255 * 63 < 2**15, so even x86
   kernels without VNNI, whose ``vpmaddubsw`` saturates pair sums at 16 bits, cannot
   saturate. (With 8-bit rows they would: oneDNN limited to AVX2 by
