@@ -1,5 +1,6 @@
 """A codebook that is used: the LQAE's low-dimensional search projection (``search_dim``, the official
-``quantizer_latent_dim``) and the VQ-VAE's k-means initialisation and dead-code restarts.
+``quantizer_latent_dim``), its SimVQ-style map over the frozen rows (``codebook_map``), and the VQ-VAE's
+k-means initialisation and dead-code restarts.
 
 For each option: off by default, the search exact in the space it searches, gradients where they should go,
 checkpoint round trips, checkpoints written before the options existed, and (restarts) exact resumption,
@@ -35,6 +36,8 @@ BEFORE = Path(__file__).parent / "data" / "checkpoints-before-codebook-options"
 def brute_force_projected_nearest(quantizer: ProjectedLanguageQuantizer, x: torch.Tensor, codebook, excluded):
     """float64 cosine argmax between the mapped x and the mapped allowed rows, independently of the quantizer."""
     def mapped(layer, v):
+        if isinstance(layer, torch.nn.Identity):
+            return F.normalize(v.double(), dim=-1)
         return F.normalize(v.double() @ layer.weight.detach().double().T + layer.bias.detach().double(), dim=-1)
 
     scores = mapped(quantizer.input_map, x.reshape(-1, x.shape[-1])) @ mapped(quantizer.code_map, codebook).T
@@ -57,8 +60,8 @@ def official_latent_quantizer_loss(x, q, input_map, code_map, c):
 
 # -- the search projection: config ----------------------------------------------------------------------
 def test_search_projection_is_off_by_default_as_in_the_official_readme_run(minilm):
-    assert LQAEConfig().search_dim == 0
-    assert all(preset_config(name).search_dim == 0 for name in PRESETS)
+    assert (LQAEConfig().search_dim, LQAEConfig().codebook_map) == (0, False)
+    assert all(preset_config(name).search_dim == 0 and not preset_config(name).codebook_map for name in PRESETS)
     model = LQAE(tiny_config(), minilm)
     assert type(model.quantizer) is LanguageQuantizer and list(model.quantizer.parameters()) == []
     projected = LQAE(tiny_config(search_dim=8), minilm)
@@ -72,6 +75,9 @@ def test_search_projection_is_off_by_default_as_in_the_official_readme_run(minil
     (dict(codebook="learned", search_dim=8), "search_dim=8 needs codebook='language'"),
     (dict(restart_unused_after=-3, codebook="learned"), "restart_unused_after must be an int >= 0, got -3"),
     (dict(kmeans_init="yes", codebook="learned"), "kmeans_init must be True or False, got 'yes'"),
+    (dict(codebook_map=1), "codebook_map must be True or False, got 1"),
+    (dict(codebook_map=True, codebook="learned"), "codebook_map=True needs codebook='language'"),
+    (dict(codebook_map=True, search_dim=8), "codebook_map=True and search_dim=8 are two searches: choose one"),
     (dict(kmeans_init=True), "kmeans_init=True needs codebook='learned'"),
     (dict(restart_unused_after=10), "restart_unused_after=10 needs codebook='learned'"),
 ])
@@ -111,6 +117,34 @@ def test_projected_search_on_the_minilm_codebook(minilm):
     assert torch.equal(quantizer.nearest(x), brute_force_projected_nearest(quantizer, x, codebook, excluded))
 
 
+def test_codebook_map_starts_as_the_plain_search_then_searches_the_mapped_rows():
+    g = torch.Generator().manual_seed(6)
+    codebook = torch.randn(700, 16, generator=g) * torch.rand(700, 1, generator=g) * 3
+    excluded = [0, 3, 699]
+    quantizer = ProjectedLanguageQuantizer(codebook, excluded, search_dim=16, map_latents=False)
+    x = torch.randn(5, 40, 16, generator=g)
+    assert isinstance(quantizer.input_map, torch.nn.Identity) and quantizer.search_dim == 16
+    plain = LanguageQuantizer(codebook, excluded).nearest(x)
+    assert torch.equal(quantizer.nearest(x), plain)  # identity map, zero bias: the plain search
+    with torch.no_grad():
+        quantizer.code_map.weight.add_(0.5 * torch.randn(16, 16, generator=g))
+        quantizer.code_map.bias.add_(torch.randn(16, generator=g))
+    ids = quantizer.nearest(x)
+    assert torch.equal(ids, brute_force_projected_nearest(quantizer, x, codebook, excluded))
+    assert (ids != plain).float().mean() > 0.5
+    # The map's term trains the map only, the commitment (raw and mapped rows) x only; x is passed on raw.
+    xg = x.clone().requires_grad_()
+    out, ids, codebook_loss, commitment = quantizer(xg, codebook)
+    q, wq = codebook[ids], quantizer.code_map(codebook[ids]).detach()
+    torch.testing.assert_close(out, q, rtol=0, atol=1e-6)
+    torch.testing.assert_close(commitment, 0.5 * (F.mse_loss(x, q) + F.mse_loss(x, wq)))
+    torch.testing.assert_close(codebook_loss, F.mse_loss(wq, x))
+    assert torch.autograd.grad(codebook_loss, xg, allow_unused=True, retain_graph=True)[0] is None
+    assert torch.autograd.grad(commitment, list(quantizer.parameters()), allow_unused=True) == (None, None)
+    with pytest.raises(ValueError, match=r"the rows' own \(16\), got 8"):
+        ProjectedLanguageQuantizer(codebook, excluded, search_dim=8, map_latents=False)
+
+
 def test_projected_quantizer_passes_on_raw_rows_and_trains_each_side_as_the_official_code():
     g = torch.Generator().manual_seed(3)
     codebook = torch.randn(300, 16, generator=g)
@@ -148,9 +182,16 @@ def test_projected_quantizer_passes_on_raw_rows_and_trains_each_side_as_the_offi
         torch.testing.assert_close(a, b, msg=name)
 
 
-def test_lqae_with_search_dim_feeds_the_lm_its_raw_word_embeddings(minilm, fmnist_batch):
+SEARCH_OPTIONS = [dict(search_dim=16), dict(codebook_map=True)]
+
+
+@pytest.mark.parametrize("option", SEARCH_OPTIONS, ids=["search_dim", "codebook_map"])
+def test_lqae_with_a_learned_search_feeds_the_lm_its_raw_word_embeddings(minilm, fmnist_batch, option):
     torch.manual_seed(0)
-    model = LQAE(tiny_config(search_dim=16), minilm).train()
+    model = LQAE(tiny_config(**option), minilm).train()
+    if option.get("codebook_map"):  # it starts as the plain search: move the map so that the searches differ
+        with torch.no_grad():
+            model.quantizer.code_map.weight.add_(0.3 * torch.randn(384, 384, generator=torch.Generator().manual_seed(0)))
     seen = []
     handle = minilm.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
     try:
@@ -168,8 +209,8 @@ def test_lqae_with_search_dim_feeds_the_lm_its_raw_word_embeddings(minilm, fmnis
     torch.testing.assert_close(out.loss, out.reconstruction_loss + codebook_loss + 0.01 * commitment)
     out.loss.backward()
     assert all(p.grad is None for p in minilm.parameters())  # the LM and its codebook stay frozen
-    for name in ("input_map.weight", "code_map.weight"):
-        assert getattr(model.quantizer, name.split(".")[0]).weight.grad.abs().sum() > 0, name
+    maps = [p for p in model.quantizer.parameters()]
+    assert len(maps) == (4 if option.get("search_dim") else 2) and all(p.grad.abs().sum() > 0 for p in maps)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
     # encode() searches the same projected space.
     model.eval()
@@ -177,21 +218,22 @@ def test_lqae_with_search_dim_feeds_the_lm_its_raw_word_embeddings(minilm, fmnis
         assert torch.equal(model.encode(fmnist_batch), model.quantizer.nearest(model.encoder(fmnist_batch)))
 
 
+@pytest.mark.parametrize("option", SEARCH_OPTIONS, ids=["search_dim", "codebook_map"])
 @pytest.mark.parametrize("name", ["ckpt", "ckpt.safetensors"])
-def test_search_projection_round_trips_through_a_checkpoint(tmp_path, minilm, fmnist_batch, name):
+def test_a_learned_search_round_trips_through_a_checkpoint(tmp_path, minilm, fmnist_batch, name, option):
     torch.manual_seed(4)
-    model = LQAE(tiny_config(search_dim=16), minilm).eval()
+    model = LQAE(tiny_config(**option), minilm).eval()
     with torch.no_grad():
         model.quantizer.code_map.bias.normal_()  # a non-default value, so a map left at its init would show
     path = save_checkpoint(model, tmp_path / name)
     loaded = load_checkpoint(path, language_model=minilm)
-    assert loaded.config.search_dim == 16 and type(loaded.quantizer) is ProjectedLanguageQuantizer
-    assert {"quantizer.input_map.weight", "quantizer.code_map.bias"} <= set(loaded.trainable_state_dict())
+    assert loaded.config == model.config and type(loaded.quantizer) is ProjectedLanguageQuantizer
+    assert {f"quantizer.{p}" for p, _ in model.quantizer.named_parameters()} <= set(loaded.trainable_state_dict())
     with torch.no_grad():
         ids = model.encode(fmnist_batch)
         assert torch.equal(loaded.encode(fmnist_batch), ids)
         torch.manual_seed(5)
-        other = LQAE(tiny_config(search_dim=16), minilm).eval()
+        other = LQAE(tiny_config(**option), minilm).eval()
         other.load_state_dict(model.trainable_state_dict(), strict=False)
         other.quantizer.code_map.bias.zero_()  # the comparison can fail: another map, other ids
         assert not torch.equal(other.encode(fmnist_batch), ids)
@@ -204,32 +246,33 @@ def recorded_ids():
 
 
 @pytest.fixture(scope="module")
-def test_images() -> torch.Tensor:
+def first_test_images() -> torch.Tensor:
     images, _ = fashion_mnist_subset("test")
     return torch.from_numpy(images[:32].astype(np.float32) / 255).unsqueeze(1)
 
 
 @pytest.mark.skipif(not DEFAULT_CHECKPOINT.exists(), reason="the default checkpoint is not shipped in this tree")
 def test_the_shipped_checkpoint_loads_with_every_option_off_and_gives_its_recorded_ids(minilm, recorded_ids,
-                                                                                       test_images):
+                                                                                       first_test_images):
     stored = json.loads((DEFAULT_CHECKPOINT / "config.json").read_text())["model"]
-    assert not {"search_dim", "kmeans_init", "restart_unused_after"} & set(stored)  # written before them
+    new_fields = {"search_dim", "codebook_map", "kmeans_init", "restart_unused_after"}
+    assert not new_fields & set(stored)  # written before them
     model = load_checkpoint(DEFAULT_CHECKPOINT, language_model=minilm)
-    assert (model.config.search_dim, model.config.kmeans_init, model.config.restart_unused_after) == (0, False, 0)
+    assert {name: getattr(model.config, name) for name in new_fields} == dict.fromkeys(new_fields, 0)
     assert type(model.quantizer) is LanguageQuantizer
     with torch.no_grad():
-        ids = model.encode(test_images)
+        ids = model.encode(first_test_images)
     assert ids.tolist() == recorded_ids["fashion-mnist-small-28"]
 
 
-def test_a_vqvae_saved_before_the_options_loads_and_gives_its_recorded_ids(recorded_ids, test_images):
+def test_a_vqvae_saved_before_the_options_loads_and_gives_its_recorded_ids(recorded_ids, first_test_images):
     stored = json.loads((BEFORE / "vqvae-tiny" / "config.json").read_text())["model"]
     assert stored["codebook"] == "learned" and "kmeans_init" not in stored
     model = load_checkpoint(BEFORE / "vqvae-tiny")
     assert isinstance(model, VQVAE) and set(model.state_dict()) == set(model.trainable_state_dict())
     assert not any(name.endswith(("kmeans_done", "calls_unused")) for name in model.state_dict())
     with torch.no_grad():
-        ids = model.encode(test_images)
+        ids = model.encode(first_test_images)
     assert ids.tolist() == recorded_ids["vqvae-tiny"] and len(ids.unique()) > 1
 
 

@@ -103,6 +103,14 @@ class LQAEConfig:
         The chosen word's raw embedding row still goes to the LM; the maps are
         trained by their own commitment and codebook terms only.
         ``codebook="language"`` only.
+    codebook_map : bool, default=False
+        SimVQ-style (Zhu et al., arXiv 2411.02038), for the search only: the
+        nearest word is searched, by cosine, between the encoder output as it is
+        and a learned linear map of the frozen word rows, initialised to the
+        identity and trained by the same terms as ``search_dim``'s maps (one map
+        moves every row, chosen or not). The LM reads the raw row.
+        ``codebook="language"`` only; not with ``search_dim``. Not in the
+        official code: off by default.
     kmeans_init : bool, default=False
         Set the learned codebook, before the first training step, to k-means
         centroids of that step's encoder outputs (:class:`LearnedQuantizer`).
@@ -142,8 +150,9 @@ class LQAEConfig:
     # Checkpoints written before these two fields existed load with these defaults: an LQAE.
     codebook: Literal["language", "learned"] = "language"
     codebook_size: int = 1024
-    # Checkpoints written before these three fields existed load with these defaults: all off.
+    # Checkpoints written before these four fields existed load with these defaults: all off.
     search_dim: int = 0
+    codebook_map: bool = False
     kmeans_init: bool = False
     restart_unused_after: int = 0
 
@@ -174,8 +183,14 @@ class LQAEConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if not isinstance(self.kmeans_init, bool):
-            raise ValueError(f"kmeans_init must be True or False, got {self.kmeans_init!r}")
+        for name in ("codebook_map", "kmeans_init"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.codebook_map and self.codebook != "language":
+            raise ValueError("codebook_map=True needs codebook='language' (a map over the frozen word rows); "
+                             "a learned codebook moves its rows itself")
+        if self.codebook_map and self.search_dim:
+            raise ValueError(f"codebook_map=True and search_dim={self.search_dim} are two searches: choose one")
         if self.search_dim and self.codebook != "language":
             raise ValueError(f"search_dim={self.search_dim} needs codebook='language' (the LQAE's frozen word rows); "
                              f"it is not implemented for codebook={self.codebook!r}")

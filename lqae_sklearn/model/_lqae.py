@@ -101,8 +101,9 @@ class LQAE(TokenAutoencoder):
         c = config
         self.encoder, decoder = vit_encoder_decoder(c, lm.hidden_size)  # tokens are LM-width word embeddings
         excluded = lm.excluded_token_ids() if c.codebook_exclude == "special" else []
-        if c.search_dim:
-            self.quantizer = ProjectedLanguageQuantizer(lm.codebook, excluded, c.search_dim, rescore_top_k=c.rescore_top_k)
+        if c.search_dim or c.codebook_map:
+            self.quantizer = ProjectedLanguageQuantizer(lm.codebook, excluded, c.search_dim or lm.hidden_size,
+                                                        rescore_top_k=c.rescore_top_k, map_latents=not c.codebook_map)
         else:
             self.quantizer = LanguageQuantizer(lm.codebook, excluded, rescore_top_k=c.rescore_top_k)
         self.decoder = decoder

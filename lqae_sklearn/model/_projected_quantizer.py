@@ -16,6 +16,12 @@ The official ``LanguageQuantizer`` (``lhao499/language-quantized-autoencoders`` 
   encoder and ``input_to_latent``) plus ``mse(P_code(q), sg(P_in(x)))`` with weight 1
   (the only gradient ``code_to_latent`` gets). The README's ``c`` is 0.005.
 
+With ``map_latents=False`` (``LQAEConfig.codebook_map``) only the rows are mapped,
+by a learned ``D x D`` map initialised to the identity, and the encoder output is
+searched as it is: SimVQ's reparameterisation (Zhu et al., arXiv 2411.02038: one
+linear map over a frozen codebook, so that every row moves when it learns), used
+here for the search only.
+
 Here the same, with our commitment weight ``w`` (0.01 by default: the official 0.005
 counted twice, because with ``d = 0`` both branches are the identity): the raw and the
 projected commitment terms each get ``w / 2``, and the map's term weight 1. The
@@ -45,15 +51,20 @@ class ProjectedLanguageQuantizer(LanguageQuantizer):
     excluded_ids : sequence of int
         Rows that may never be chosen (special tokens).
     search_dim : int
-        Width of the space searched (the official ``quantizer_latent_dim``).
+        Width of the space searched (the official ``quantizer_latent_dim``);
+        the rows' width ``D`` with ``map_latents=False``.
     chunk_size : int, default=8192
         Passed to :class:`LanguageQuantizer`.
     rescore_top_k : int, default=8
         Passed to :class:`LanguageQuantizer` (this search is float32 throughout).
+    map_latents : bool, default=True
+        Map the encoder output too (the official projection); False searches it
+        as it is against rows mapped by a ``D x D`` map that starts as the
+        identity (SimVQ-style).
 
     Attributes
     ----------
-    input_map : torch.nn.Linear
+    input_map : torch.nn.Linear or torch.nn.Identity
         Encoder output (D) -> search space (``search_dim``).
     code_map : torch.nn.Linear
         Word row (D) -> search space (``search_dim``).
@@ -71,22 +82,31 @@ class ProjectedLanguageQuantizer(LanguageQuantizer):
     max_scores = 2**26
 
     def __init__(self, codebook: torch.Tensor, excluded_ids=(), search_dim: int = 32, chunk_size: int = 8192,
-                 rescore_top_k: int = 8):
+                 rescore_top_k: int = 8, map_latents: bool = True):
         super().__init__(codebook, excluded_ids, chunk_size=chunk_size, rescore_top_k=rescore_top_k)
         width = codebook.shape[1]
-        self.input_map = nn.Linear(width, search_dim)
-        self.code_map = nn.Linear(width, search_dim)
-        for layer in (self.input_map, self.code_map):  # flax Dense's default: lecun_normal kernel, zero bias
-            std = width**-0.5 / _TRUNCATED_NORMAL_STD
-            nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
-            nn.init.zeros_(layer.bias)
+        if map_latents:
+            self.input_map = nn.Linear(width, search_dim)
+            self.code_map = nn.Linear(width, search_dim)
+            for layer in (self.input_map, self.code_map):  # flax Dense's default: lecun_normal kernel, zero bias
+                std = width**-0.5 / _TRUNCATED_NORMAL_STD
+                nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
+                nn.init.zeros_(layer.bias)
+        else:
+            if search_dim != width:
+                raise ValueError(f"with map_latents=False the search space is the rows' own ({width}), got {search_dim}")
+            self.input_map = nn.Identity()
+            self.code_map = nn.Linear(width, width)
+            with torch.no_grad():  # start as the plain search
+                self.code_map.weight.copy_(torch.eye(width))
+                self.code_map.bias.zero_()
         # The raw allowed rows, for the code map (non-persistent: derived from the LM, as the base's buffers).
         self.register_buffer("allowed_rows", codebook.detach().float()[self.allowed_ids], persistent=False)
 
     @property
     def search_dim(self) -> int:
         """Width of the space searched."""
-        return self.input_map.out_features
+        return self.code_map.out_features
 
     @torch.no_grad()
     def nearest(self, x: torch.Tensor) -> torch.Tensor:
