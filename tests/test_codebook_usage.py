@@ -38,7 +38,8 @@ def brute_force_projected_nearest(quantizer: ProjectedLanguageQuantizer, x: torc
     def mapped(layer, v):
         if isinstance(layer, torch.nn.Identity):
             return F.normalize(v.double(), dim=-1)
-        return F.normalize(v.double() @ layer.weight.detach().double().T + layer.bias.detach().double(), dim=-1)
+        bias = 0 if layer.bias is None else layer.bias.detach().double()
+        return F.normalize(v.double() @ layer.weight.detach().double().T + bias, dim=-1)
 
     scores = mapped(quantizer.input_map, x.reshape(-1, x.shape[-1])) @ mapped(quantizer.code_map, codebook).T
     scores[:, list(excluded)] = -np.inf
@@ -126,9 +127,9 @@ def test_codebook_map_starts_as_the_plain_search_then_searches_the_mapped_rows()
     assert isinstance(quantizer.input_map, torch.nn.Identity) and quantizer.search_dim == 16
     plain = LanguageQuantizer(codebook, excluded).nearest(x)
     assert torch.equal(quantizer.nearest(x), plain)  # identity map, zero bias: the plain search
+    assert quantizer.code_map.bias is None  # SimVQ's C W: a linear map
     with torch.no_grad():
         quantizer.code_map.weight.add_(0.5 * torch.randn(16, 16, generator=g))
-        quantizer.code_map.bias.add_(torch.randn(16, generator=g))
     ids = quantizer.nearest(x)
     assert torch.equal(ids, brute_force_projected_nearest(quantizer, x, codebook, excluded))
     assert (ids != plain).float().mean() > 0.5
@@ -140,7 +141,7 @@ def test_codebook_map_starts_as_the_plain_search_then_searches_the_mapped_rows()
     torch.testing.assert_close(commitment, 0.5 * (F.mse_loss(x, q) + F.mse_loss(x, wq)))
     torch.testing.assert_close(codebook_loss, F.mse_loss(wq, x))
     assert torch.autograd.grad(codebook_loss, xg, allow_unused=True, retain_graph=True)[0] is None
-    assert torch.autograd.grad(commitment, list(quantizer.parameters()), allow_unused=True) == (None, None)
+    assert torch.autograd.grad(commitment, list(quantizer.parameters()), allow_unused=True) == (None,)
     with pytest.raises(ValueError, match=r"the rows' own \(16\), got 8"):
         ProjectedLanguageQuantizer(codebook, excluded, search_dim=8, map_latents=False)
 
@@ -210,7 +211,7 @@ def test_lqae_with_a_learned_search_feeds_the_lm_its_raw_word_embeddings(minilm,
     out.loss.backward()
     assert all(p.grad is None for p in minilm.parameters())  # the LM and its codebook stay frozen
     maps = [p for p in model.quantizer.parameters()]
-    assert len(maps) == (4 if option.get("search_dim") else 2) and all(p.grad.abs().sum() > 0 for p in maps)
+    assert len(maps) == (4 if option.get("search_dim") else 1) and all(p.grad.abs().sum() > 0 for p in maps)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
     # encode() searches the same projected space.
     model.eval()
@@ -223,8 +224,8 @@ def test_lqae_with_a_learned_search_feeds_the_lm_its_raw_word_embeddings(minilm,
 def test_a_learned_search_round_trips_through_a_checkpoint(tmp_path, minilm, fmnist_batch, name, option):
     torch.manual_seed(4)
     model = LQAE(tiny_config(**option), minilm).eval()
-    with torch.no_grad():
-        model.quantizer.code_map.bias.normal_()  # a non-default value, so a map left at its init would show
+    with torch.no_grad():  # a non-default value, so a map left at its init would show
+        model.quantizer.code_map.weight.add_(0.3 * torch.randn(model.quantizer.code_map.weight.shape))
     path = save_checkpoint(model, tmp_path / name)
     loaded = load_checkpoint(path, language_model=minilm)
     assert loaded.config == model.config and type(loaded.quantizer) is ProjectedLanguageQuantizer
@@ -235,7 +236,7 @@ def test_a_learned_search_round_trips_through_a_checkpoint(tmp_path, minilm, fmn
         torch.manual_seed(5)
         other = LQAE(tiny_config(**option), minilm).eval()
         other.load_state_dict(model.trainable_state_dict(), strict=False)
-        other.quantizer.code_map.bias.zero_()  # the comparison can fail: another map, other ids
+        other.quantizer.code_map.weight.mul_(-1)  # the comparison can fail: another map, other ids
         assert not torch.equal(other.encode(fmnist_batch), ids)
 
 
@@ -408,18 +409,18 @@ def eval_usage(run_dir: Path) -> float:
 
 
 def test_a_short_training_with_restarts_uses_more_of_the_codebook(tmp_path, data_files):
-    """80 steps of 32 real images, 256 codes; usage measured on 500 held-out test images."""
+    """60 steps of 32 real images, 256 codes; usage measured on 500 held-out test images."""
     train_npy, test_npy = data_files
     usage = {}
     for preset in ("small-28-vqvae", "small-28-vqvae-restarts"):
         out = tmp_path / preset
         train(TrainConfig(out_dir=str(out), preset=preset, data=str(train_npy), eval_data=str(test_npy),
-                          eval_images=500, steps=80, batch_size=32, lr=1e-3, crop_scale=(0.5, 1.0),
-                          save_every=80, log_every=40, device="cpu", progress=False,
+                          eval_images=500, steps=60, batch_size=32, lr=1e-3, crop_scale=(0.5, 1.0),
+                          save_every=60, log_every=30, device="cpu", progress=False,
                           model_overrides={**TINY_OVERRIDES, "codebook_size": 256, "restart_unused_after": 10}
                           if preset.endswith("restarts") else {**TINY_OVERRIDES, "codebook_size": 256}))
         usage[preset] = eval_usage(out)
-    print(f"\ncodebook usage on 500 test images after 80 steps x 32: {usage}")
+    print(f"\ncodebook usage on 500 test images after 60 steps x 32: {usage}")
     assert usage["small-28-vqvae-restarts"] > 3 * usage["small-28-vqvae"]
     assert usage["small-28-vqvae-restarts"] > 0.25
 

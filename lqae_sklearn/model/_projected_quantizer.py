@@ -17,7 +17,7 @@ The official ``LanguageQuantizer`` (``lhao499/language-quantized-autoencoders`` 
   (the only gradient ``code_to_latent`` gets). The README's ``c`` is 0.005.
 
 With ``map_latents=False`` (``LQAEConfig.codebook_map``) only the rows are mapped,
-by a learned ``D x D`` map initialised to the identity, and the encoder output is
+by a learned ``D x D`` linear map (no bias) initialised to the identity, and the encoder output is
 searched as it is: SimVQ's reparameterisation (Zhu et al., arXiv 2411.02038: one
 linear map over a frozen codebook, so that every row moves when it learns), used
 here for the search only.
@@ -96,10 +96,10 @@ class ProjectedLanguageQuantizer(LanguageQuantizer):
             if search_dim != width:
                 raise ValueError(f"with map_latents=False the search space is the rows' own ({width}), got {search_dim}")
             self.input_map = nn.Identity()
-            self.code_map = nn.Linear(width, width)
+            # SimVQ's C W: linear, no bias (a bias shared by every row pulls them all one way).
+            self.code_map = nn.Linear(width, width, bias=False)
             with torch.no_grad():  # start as the plain search
                 self.code_map.weight.copy_(torch.eye(width))
-                self.code_map.bias.zero_()
         # The raw allowed rows, for the code map (non-persistent: derived from the LM, as the base's buffers).
         self.register_buffer("allowed_rows", codebook.detach().float()[self.allowed_ids], persistent=False)
 
