@@ -7,8 +7,12 @@
 # At an equal budget (the same steps, batch 512, peak lr 3e-4, 5% warmup then cosine to 0, crop area 0.5-1.0 +
 # flips, seed 42: the shipped checkpoint's recipe, longer) it trains
 #   lqae        the LQAE default recipe (preset small-28, the shipped checkpoint's);
-#   lqae-usage  the same with the codebook-usage option expected to be best: USAGE_SET (default search_dim=32, the
-#               official quantizer_latent_dim; see docs/user_guide/training.rst for why);
+#   lqae-usage  the same with a codebook-usage option: USAGE_SET, default codebook_map=true (SimVQ-style map over
+#               the frozen rows, for the search only). Of the two built, it is the one expected to do better: it
+#               starts as the default search, and its map moves every row at once (SimVQ's mechanism), where the
+#               official projection (USAGE_SET=search_dim=32) trains its maps only by terms a constant map minimises.
+#               Neither beat the default in the tiny CPU comparison (docs/user_guide/training.rst: both collapsed
+#               further), so this stage tests that hint at 15 epochs; it can be dropped to give the budget back;
 #   vqvae       the VQ-VAE baseline with k-means initialisation and dead-code restarts (small-28-vqvae-restarts);
 # then evaluates each with lqae-eval (eval; the LLM rows are left to the CPU afterwards). Each stage writes
 # OUT/<run>/ (checkpoint/, metrics.jsonl, samples/) and OUT/eval_<run>.{json,md}.
@@ -52,7 +56,7 @@ steps=${STEPS:-1800}
 batch=${BATCH:-512}
 device=${DEVICE:-cuda}
 save_every=${SAVE_EVERY:-600}
-usage_set=${USAGE_SET:-search_dim=32}
+usage_set=${USAGE_SET:-codebook_map=true}
 python=${PYTHON:-python3}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 xfer=$repo/.xfer  # ignored by git; what the device calls carry
