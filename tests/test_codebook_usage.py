@@ -408,18 +408,25 @@ def eval_usage(run_dir: Path) -> float:
     return [r for r in records if "eval_codebook_usage" in r][-1]["eval_codebook_usage"]
 
 
+def _train_tiny_vqvae(out: Path, preset: str, train_npy: Path, test_npy: Path) -> float:
+    overrides = {**TINY_OVERRIDES, "codebook_size": 256}
+    if preset.endswith("restarts"):
+        overrides["restart_unused_after"] = 10
+    train(TrainConfig(out_dir=str(out), preset=preset, model_overrides=overrides, data=str(train_npy),
+                      eval_data=str(test_npy), eval_images=500, steps=60, batch_size=32, lr=1e-3,
+                      crop_scale=(0.5, 1.0), save_every=60, log_every=30, device="cpu", progress=False))
+    return eval_usage(out)
+
+
 def test_a_short_training_with_restarts_uses_more_of_the_codebook(tmp_path, data_files):
     """60 steps of 32 real images, 256 codes; usage measured on 500 held-out test images."""
-    train_npy, test_npy = data_files
-    usage = {}
-    for preset in ("small-28-vqvae", "small-28-vqvae-restarts"):
-        out = tmp_path / preset
-        train(TrainConfig(out_dir=str(out), preset=preset, data=str(train_npy), eval_data=str(test_npy),
-                          eval_images=500, steps=60, batch_size=32, lr=1e-3, crop_scale=(0.5, 1.0),
-                          save_every=60, log_every=30, device="cpu", progress=False,
-                          model_overrides={**TINY_OVERRIDES, "codebook_size": 256, "restart_unused_after": 10}
-                          if preset.endswith("restarts") else {**TINY_OVERRIDES, "codebook_size": 256}))
-        usage[preset] = eval_usage(out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: a second thread only waits on a shared machine
+    try:
+        usage = {preset: _train_tiny_vqvae(tmp_path / preset, preset, *data_files)
+                 for preset in ("small-28-vqvae", "small-28-vqvae-restarts")}
+    finally:
+        torch.set_num_threads(threads)
     print(f"\ncodebook usage on 500 test images after 60 steps x 32: {usage}")
     assert usage["small-28-vqvae-restarts"] > 3 * usage["small-28-vqvae"]
     assert usage["small-28-vqvae-restarts"] > 0.25
