@@ -161,12 +161,13 @@ def plain_loss_terms(model: LQAE, images: torch.Tensor, mask: torch.Tensor):
     """The step as first written: LQAE's forward with the masked rows' MLM logits materialised in float32."""
     c, lm = model.config, model.language_model
     z = model.encoder(images)
-    q, ids, commitment = model.quantizer(z, lm.codebook, c.normalize_latents)
+    q, ids, codebook_loss, commitment = model.quantizer(z, lm.codebook, c.normalize_latents)
     q = torch.where(mask.unsqueeze(-1), lm.codebook[lm.mask_token_id].to(q.dtype), q)
     hidden = lm(q)
     recon = F.mse_loss(model.decoder(hidden).float(), images.float())
     mlm = F.cross_entropy(lm.mlm_logits(hidden[mask]).float(), ids[mask])
-    return torch.stack([recon + c.commitment_weight * commitment + c.mlm_weight * mlm, recon, commitment, mlm]), ids
+    total = recon + codebook_loss + c.commitment_weight * commitment + c.mlm_weight * mlm
+    return torch.stack([total, recon, commitment, mlm]), ids
 
 
 def plain_step(model, images, mask, autocast):

@@ -139,7 +139,7 @@ def test_bfloat16_latents_get_float64_nearest_rows_and_an_exact_straight_through
     cosine[..., :2] = -2
     expected = cosine.argmax(dim=-1)
     assert torch.equal(quantizer.nearest(x), expected)
-    out, ids, _ = quantizer(x, codebook)
+    out, ids, _, _ = quantizer(x, codebook)
     assert torch.equal(ids, expected)
     # x + (q - x) computed in bf16 would miss q by up to ~|x| * 2**-8 (about 1 here); in float32 it is q.
     assert out.dtype == torch.float32
@@ -151,11 +151,12 @@ def test_straight_through_forward_is_codebook_rows_and_gradient_is_identity():
     codebook = torch.randn(200, 12, generator=g)
     quantizer = LanguageQuantizer(codebook, [3])
     x = (torch.randn(2, 9, 12, generator=g) * 4).requires_grad_()
-    out, ids, commitment = quantizer(x, codebook)
+    out, ids, codebook_loss, commitment = quantizer(x, codebook)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, codebook[ids], rtol=0, atol=1e-6)
     assert torch.equal(ids, quantizer.nearest(x))
     torch.testing.assert_close(commitment, F.mse_loss(x, codebook[ids]))
+    assert codebook_loss == 0 and not codebook_loss.requires_grad  # the codebook is frozen: no codebook term
     upstream = torch.randn(out.shape, generator=g)
     (grad,) = torch.autograd.grad(out, x, upstream)
     assert torch.equal(grad, upstream)  # straight through: d out / d x = identity
@@ -169,7 +170,7 @@ def test_straight_through_with_normalized_latents_ignores_length():
     codebook = torch.randn(200, 12, generator=g)
     quantizer = LanguageQuantizer(codebook)
     x = (torch.randn(2, 9, 12, generator=g) * 4).requires_grad_()
-    out, ids, commitment = quantizer(x, codebook, normalize_latents=True)
+    out, ids, _, commitment = quantizer(x, codebook, normalize_latents=True)
     torch.testing.assert_close(out, codebook[ids], rtol=0, atol=1e-5)
     rescaled = F.normalize(x, dim=-1) * codebook[ids].norm(dim=-1, keepdim=True)
     torch.testing.assert_close(commitment, F.mse_loss(rescaled, codebook[ids]))

@@ -4,7 +4,9 @@ image -> ViT encoder -> nearest LM word embedding (frozen codebook) -> random
 <mask> replacement (training only) -> frozen LM -> ViT decoder -> image.
 
 Loss = pixel MSE + commitment_weight * mse(z, sg(q)) + mlm_weight * CE(LM logits
-at masked positions, the image's own token ids).
+at masked positions, the image's own token ids). With ``search_dim > 0`` the word is
+searched in a learned low-dimensional space (:class:`ProjectedLanguageQuantizer`),
+whose maps add their own terms; the LM still reads the word's raw embedding.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch.compiler import is_compiling
 from ._autoencoder import TokenAutoencoder, vit_encoder_decoder
 from ._config import LQAEConfig
 from ._language_model import FrozenLanguageModel
+from ._projected_quantizer import ProjectedLanguageQuantizer
 from ._quantizer import LanguageQuantizer
 
 
@@ -36,13 +39,15 @@ class LQAEOutput:
     mask : torch.Tensor
         Which tokens were masked for the LM (B, n_tokens), bool (all False for a VQVAE).
     loss : torch.Tensor
-        The weighted sum of the three terms below (for a VQVAE, reconstruction +
-        (1 + commitment_weight) x commitment: its codebook term has the
-        commitment term's value).
+        The weighted sum of the three terms below, plus the quantizer's codebook
+        term where it has one (a VQVAE: reconstruction + (1 + commitment_weight) x
+        commitment, its codebook term having the commitment term's value; an LQAE
+        with ``search_dim > 0``: the code map's term).
     reconstruction_loss : torch.Tensor
         Pixel mean squared error.
     commitment_loss : torch.Tensor
-        ``mse(x, sg(q))`` between encoder outputs and their chosen rows.
+        ``mse(x, sg(q))`` between encoder outputs and their chosen rows (with
+        ``search_dim > 0``, its mean with the same term between their projections).
     mlm_loss : torch.Tensor
         Masked-token prediction loss against the image's own ids (0 for a VQVAE).
 
@@ -97,7 +102,11 @@ class LQAE(TokenAutoencoder):
         c = config
         self.encoder, decoder = vit_encoder_decoder(c, lm.hidden_size)  # tokens are LM-width word embeddings
         excluded = lm.excluded_token_ids() if c.codebook_exclude == "special" else []
-        self.quantizer = LanguageQuantizer(lm.codebook, excluded, rescore_top_k=c.rescore_top_k)
+        if c.search_dim or c.codebook_map:
+            self.quantizer = ProjectedLanguageQuantizer(lm.codebook, excluded, c.search_dim or lm.hidden_size,
+                                                        rescore_top_k=c.rescore_top_k, map_latents=not c.codebook_map)
+        else:
+            self.quantizer = LanguageQuantizer(lm.codebook, excluded, rescore_top_k=c.rescore_top_k)
         self.decoder = decoder
 
     # -- the trained part ------------------------------------------------------------
@@ -185,14 +194,14 @@ class LQAE(TokenAutoencoder):
             mask = self.draw_mask(images.shape[0], generator, mask_ratio)
             masking = mask_ratio > 0
         z = self.encoder(images)
-        q, ids, commitment = self.quantizer(z, self.language_model.codebook, c.normalize_latents)
+        q, ids, codebook_loss, commitment = self.quantizer(z, self.language_model.codebook, c.normalize_latents)
         mask_embedding = self.language_model.codebook[self.language_model.mask_token_id].to(q.dtype)
         q = torch.where(mask.unsqueeze(-1), mask_embedding, q)
         hidden = self.language_model(q)
         reconstruction = self.decoder(hidden)
         recon_loss = F.mse_loss(reconstruction.float(), images.float())
         mlm_loss = self._mlm_loss(hidden, ids, mask) if masking else recon_loss.new_zeros(())
-        loss = recon_loss + c.commitment_weight * commitment + c.mlm_weight * mlm_loss
+        loss = recon_loss + codebook_loss + c.commitment_weight * commitment + c.mlm_weight * mlm_loss
         return LQAEOutput(reconstruction, ids, mask, loss, recon_loss, commitment, mlm_loss)
 
     def _mlm_loss(self, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -174,9 +174,11 @@ class LanguageQuantizer(nn.Module):
             The raw codebook rows (float32) with a straight-through gradient to ``x``.
         ids : torch.Tensor
             Their vocabulary ids (B, T).
+        codebook_loss : torch.Tensor
+            The term that trains the codebook side (see :meth:`losses`): 0 here,
+            as the codebook is frozen.
         commitment : torch.Tensor
-            The commitment loss ``mse(x, sg(q))`` (the codebook is frozen, so the
-            codebook-side term of a VQ-VAE has no gradient and is left out).
+            The commitment loss ``mse(x, sg(q))``.
         """
         ids = self.nearest(x)
         q = F.embedding(ids, codebook).float()
@@ -184,8 +186,30 @@ class LanguageQuantizer(nn.Module):
         x = x.float()
         if normalize_latents:
             x = F.normalize(x, dim=-1) * q.norm(dim=-1, keepdim=True)
-        commitment = F.mse_loss(x, q)
-        return x + (q - x).detach(), ids, commitment
+        codebook_loss, commitment = self.losses(x, q)
+        return x + (q - x).detach(), ids, codebook_loss, commitment
+
+    def losses(self, x: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codebook term and the commitment term for latents ``x`` and their rows ``q``.
+
+        The codebook is frozen, so a VQ-VAE's codebook term ``mse(sg(x), q)`` has
+        no gradient and is 0 here; the commitment term is ``mse(x, sg(q))``.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Encoder outputs (B, T, D), float32 (rescaled with ``normalize_latents``).
+        q : torch.Tensor
+            Their chosen rows (B, T, D), float32, without gradient.
+
+        Returns
+        -------
+        codebook_loss : torch.Tensor
+            0 (float32 scalar).
+        commitment : torch.Tensor
+            ``mse(x, q)``, with a gradient to ``x``.
+        """
+        return x.new_zeros(()), F.mse_loss(x, q)
 
 
 @functools.cache
