@@ -62,12 +62,12 @@ def plain_loss_terms(model: LQAE, images: torch.Tensor, mask: torch.Tensor):
     """The LQAE loss as first written: the MLM logits of the masked rows materialised in float32."""
     c, lm = model.config, model.language_model
     z = model.encoder(images)
-    q, ids, commitment = model.quantizer(z, lm.codebook, c.normalize_latents)
+    q, ids, codebook_loss, commitment = model.quantizer(z, lm.codebook, c.normalize_latents)
     q = torch.where(mask.unsqueeze(-1), lm.codebook[lm.mask_token_id].to(q.dtype), q)
     hidden = lm(q)
     recon = F.mse_loss(model.decoder(hidden).float(), images.float())
     mlm = F.cross_entropy(lm.mlm_logits(hidden[mask]).float(), ids[mask])
-    loss = recon + c.commitment_weight * commitment + c.mlm_weight * mlm
+    loss = recon + codebook_loss + c.commitment_weight * commitment + c.mlm_weight * mlm
     return torch.stack([loss, recon, commitment, mlm]), ids
 
 
@@ -316,6 +316,7 @@ def test_a_training_step_reads_nothing_back_on_the_host(tmp_path, fmnist_uint8, 
     assert run.step.forward is not run.step.losses  # compile=True compiles the step
     run.step.forward = run.step.losses  # ... here run eagerly, on the path a compiled graph takes:
     monkeypatch.setattr("lqae_sklearn.model._lqae.is_compiling", lambda: True)
+    monkeypatch.setattr("lqae_sklearn.model._quantizer.is_compiling", lambda: True)
     run.optimizer = torch.optim.AdamW(run.model.trainable_parameters(), lr=1e-3, fused=True)
     with HostReads() as reads:
         _trainer._step(run, 0)

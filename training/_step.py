@@ -85,7 +85,7 @@ class TrainStep:
         self.bf16 = bf16
         self.forward = torch.compile(self.losses, mode=compile_mode, fullgraph=fullgraph) if compile else self.losses
 
-    def losses(self, images: torch.Tensor, mask: torch.Tensor | None):
+    def losses(self, images: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator | None = None):
         """The loss, the four logged terms and the ids of one micro-batch (no backward).
 
         Parameters
@@ -94,6 +94,9 @@ class TrainStep:
             Float images (B, C, H, W) in [0, 1].
         mask : torch.Tensor or None
             The model's :meth:`~lqae_sklearn.model.LQAE.draw_mask`; None for a model that masks nothing.
+        generator : torch.Generator or None, default=None
+            The step's generator, for a model that masks nothing but draws in its forward pass (a
+            VQ-VAE's k-means initialisation and dead-code restarts).
 
         Returns
         -------
@@ -105,11 +108,12 @@ class TrainStep:
             The chosen ids (B, n_tokens).
         """
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.net(images) if mask is None else self.net(images, mask=mask)
+            out = self.net(images, generator=generator) if mask is None else self.net(images, mask=mask)
         terms = torch.stack([out.loss, out.reconstruction_loss, out.commitment_loss, out.mlm_loss]).float()
         return out.loss, terms, out.ids
 
-    def __call__(self, images: torch.Tensor, mask: torch.Tensor | None, accumulation: int = 1):
+    def __call__(self, images: torch.Tensor, mask: torch.Tensor | None, accumulation: int = 1,
+                 generator: torch.Generator | None = None):
         """Forward and backward; the gradients of ``loss / accumulation`` add to the parameters' ``.grad``.
 
         Parameters
@@ -120,6 +124,8 @@ class TrainStep:
             As in :meth:`losses`.
         accumulation : int, default=1
             Micro-batches per optimizer step.
+        generator : torch.Generator or None, default=None
+            As in :meth:`losses`.
 
         Returns
         -------
@@ -128,6 +134,6 @@ class TrainStep:
         ids : torch.Tensor
             The chosen ids (B, n_tokens).
         """
-        loss, terms, ids = self.forward(images, mask)
+        loss, terms, ids = self.forward(images, mask, generator)
         (loss / accumulation).backward()
         return terms.detach(), ids

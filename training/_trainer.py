@@ -393,7 +393,7 @@ def _step(run: _Run, step: int) -> None:
         mask = run.model.draw_mask(images.shape[0], g)  # drawn after the crops, as the forward pass once did
         sync = micro == cfg.accumulation - 1 or run.ddp.world == 1
         with contextlib.nullcontext() if sync else run.net.no_sync():
-            terms, ids = run.step(images, mask, cfg.accumulation)
+            terms, ids = run.step(images, mask, cfg.accumulation, generator=g)
         with torch.no_grad():
             run.sums += terms / cfg.accumulation
             # index_add_ rather than bincount, which reads the largest id on the host (a sync on CUDA).

@@ -10,7 +10,9 @@ float32 unit query is largest, the lowest row on exact ties.
   ``LQAE_CPU_SEARCH`` chooses: ``auto`` (the default) uses int8 where a one-off
   measurement finds the int8 search clearly faster and the kernel's sums exact
   (:func:`~lqae_sklearn.model._search.cpu_int8_is_faster`), float32 elsewhere; ``float32`` and ``int8`` force one;
-  ``bf16`` is the *rescored* search below (opt-in on CPUs with native bf16).
+  ``bf16`` is the *rescored* search below (opt-in on CPUs with native bf16). Inside a
+  ``torch.compile`` graph a CPU takes the float32 argmax instead (the exact search cannot be
+  traced); it differs only where float32 rounding decides a near-tie.
 - *rescored* (CUDA, and ``LQAE_CPU_SEARCH=bf16``): every row scored in bf16, then the best
   ``rescore_top_k`` (8) rescored in float32. Not exact by construction: a row whose bf16
   score error pushes it out of the top 8 is missed, and rows whose float32 scores tie may
@@ -31,6 +33,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.compiler import is_compiling
 
 from ._search import ExactSearch, cpu_int8_is_faster, int8_kernel_is_exact
 
@@ -105,7 +108,12 @@ class LanguageQuantizer(nn.Module):
             Vocabulary ids (...), int64.
         """
         flat = F.normalize(x.reshape(-1, x.shape[-1]).float(), dim=-1)
-        if flat.device.type == "cpu":
+        if flat.device.type == "cpu" and is_compiling():
+            # The exact search's candidate bookkeeping (data-dependent shapes, oneDNN's prepacked int8
+            # weights, exact tie-breaks) cannot be traced; a compiled graph takes the float32 argmax,
+            # which differs from it only where float32 rounding decides a near-tie.
+            local = self._nearest_float32_argmax(flat)
+        elif flat.device.type == "cpu":
             search = cpu_search()
             if search == "bf16" and self.rescore_top_k > 0:
                 local = self._nearest_rescored(flat)
