@@ -147,7 +147,7 @@ def _parse_shard(ctx, param, value):
 @click.option("--token-grid", type=TokenGrid(), default="auto", show_default=True, metavar="auto|G",
               help="G x G tokens per image for every field; auto: the checkpoint's grid for text (3 for the "
                    "packaged one) when the records hold text, as LQAETokenizer(output=\"text\") writes, else "
-                   "one token per patch (7); see Tokens per image below.")
+                   "one token per patch (7 for the packaged one); see Tokens per image below.")
 @click.option("--labels-from-dirs", is_flag=True, help="Add \"label\": the name of the folder holding each image.")
 @click.option("-b", "--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images per model call (and per write to OUT).")

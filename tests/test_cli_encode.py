@@ -278,6 +278,8 @@ def test_overwrite_settings_check_and_stdout(tmp_path, corpus, checkpoint, refer
         (["{tmp}/imgs", "-", "-", "{tmp}/o.jsonl", "-c", "{ckpt}"], "only once"),
         (["{tmp}/imgs", "{tmp}/o.jsonl", "-c", "{ckpt}", "--token-grid", "fine"], "expected auto or a whole number"),
         (["{tmp}/imgs", "{tmp}/o.jsonl", "-c", "{ckpt}", "--token-grid", "8"], "from 1 to the checkpoint's patch"),
+        (["{tmp}/imgs", "{tmp}/notes.txt/o.jsonl", "-c", "{ckpt}"], "cannot write {tmp}/notes.txt/o.jsonl"),
+        (["{tmp}/imgs", "{tmp}/notes.txt/tokens/", "-c", "{ckpt}"], "cannot write {tmp}/notes.txt/tokens/"),
     ],
 )
 def test_usage_errors_exit_2(tmp_path, checkpoint, args, message):
@@ -288,8 +290,9 @@ def test_usage_errors_exit_2(tmp_path, checkpoint, args, message):
     from lqae_sklearn.cli.encode import cli
 
     (tmp_path / "imgs").mkdir()
+    (tmp_path / "notes.txt").write_text("a file where a folder is needed\n")
     result = CliRunner().invoke(cli, [a.format(tmp=tmp_path, ckpt=checkpoint) for a in args])
-    assert result.exit_code == 2 and message in result.output, result.output
+    assert result.exit_code == 2 and message.format(tmp=tmp_path) in " ".join(result.output.split()), result.output
 
 
 def save_images(folder, images) -> None:

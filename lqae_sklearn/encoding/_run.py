@@ -191,6 +191,8 @@ class EncodeRun:
             raise EncodeError(str(exc), "OUT") from exc
         except (OutputError, CorruptJsonlError) as exc:
             raise EncodeError(f"cannot use {self.opts.out}: {exc}; use --overwrite to start afresh", "OUT") from exc
+        except OSError as exc:  # a folder or file this user may not write, a full disk
+            raise EncodeError(f"cannot write {self.opts.out}: {exc}", "OUT") from exc
         atomic_write_bytes(output.meta_path, (json.dumps(self.settings, indent=2) + "\n").encode())
         output.created()
 
