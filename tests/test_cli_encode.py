@@ -382,8 +382,8 @@ def test_a_crashing_decoder_costs_only_its_file(tmp_path, fashion):
     results = [r for _, batch in DecodePipeline(batches, preprocessing, workers=2, decode=crash_on_poison)
                for r in batch]
     assert len(results) == 12
-    assert results[5] == (None, WORKER_DIED)
-    for i, (array, reason) in enumerate(results):
+    assert (results[5].image, results[5].reason) == (None, WORKER_DIED)
+    for i, (array, reason, _) in enumerate(results):
         if i != 5:
             assert reason is None
             np.testing.assert_array_equal(array, images[i])
@@ -418,3 +418,44 @@ def test_repair_torn_tail(tmp_path):
     path.write_bytes(b"no newline at all")
     repair_torn_tail(path)
     assert path.read_bytes() == b""
+
+
+# ---------------------------------------------------------------------------------------------
+# Images far from the checkpoint's training data
+# ---------------------------------------------------------------------------------------------
+def test_photos_far_from_the_training_data_are_named_once_on_stderr(tmp_path, checkpoint, corpus):
+    """A newcomer's two colour photos (640 x 427) against the 28 x 28 grayscale checkpoint: encoded, and said so
+    once, naming the training data and how to train for such images; Fashion-MNIST images get no such word."""
+    from sklearn.datasets import load_sample_images
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, photo in enumerate(load_sample_images().images):
+        Image.fromarray(photo).save(photos / f"photo{i}.png")
+    result = run_encode(photos, tmp_path / "photos.jsonl", "--checkpoint", checkpoint, "--no-progress")
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    assert len(load_records(tmp_path / "photos.jsonl")) == 2
+    warnings = [line for line in stderr.splitlines() if line.startswith("lqae-encode: warning:")]
+    assert len(warnings) == 1, stderr
+    assert "427 x 640 colour" in warnings[0] and "lqae-train --data" in warnings[0]
+    training = read_checkpoint_config(checkpoint)["training"]["data"]
+    assert f"{training['num_images']:,} images" in warnings[0]
+
+    result = run_encode(corpus, tmp_path / "fashion.jsonl", "--checkpoint", checkpoint, "--no-progress")
+    assert result.returncode == 0 and "warning" not in result.stderr.decode()
+
+
+def test_encode_dataset_warns_once_in_python_at_the_callers_line(tmp_path, checkpoint):
+    from sklearn.datasets import load_sample_images
+
+    from lqae_sklearn import DomainWarning
+    from lqae_sklearn.encoding import encode_dataset
+
+    for i, photo in enumerate(load_sample_images().images):
+        Image.fromarray(photo).save(tmp_path / f"photo{i}.jpg")
+    with pytest.warns(DomainWarning, match="colour") as caught:
+        encode_dataset([tmp_path / "photo0.jpg", tmp_path / "photo1.jpg"], tmp_path / "out.jsonl",
+                       checkpoint=checkpoint, batch_size=1)  # two batches, one warning
+    assert len([w for w in caught if issubclass(w.category, DomainWarning)]) == 1
+    assert caught[0].filename == __file__

@@ -103,7 +103,7 @@ def test_projected_search_is_the_exact_argmax_in_the_projected_space():
     raw = LanguageQuantizer(codebook, excluded).nearest(x)
     assert (raw != ids).float().mean() > 0.5
     # Searching in pieces, and under bf16 autocast, changes nothing.
-    quantizer.max_scores = 900 * 7
+    quantizer._max_scores = 900 * 7
     assert torch.equal(quantizer.nearest(x), ids)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(quantizer.nearest(x), ids)  # float32, not bf16 matmuls

@@ -138,8 +138,7 @@ def test_a_straggler_in_every_interleaving_with_a_killed_and_a_completed_rerun(s
             encoder = _ray.PartEncoder({}, ("ids", "text"), False, os.fspath(folder / "_runs" / "00000"))
             part = _ray.decode_part({"part": "part-00000-000001.parquet",
                                      "paths": [os.fsencode(corpus / "b.png")]}, PREPROCESSING)
-            batch = {"part": np.array([part["part"]]), "paths": [part["paths"]], "reasons": [part["reasons"]],
-                     "images": [part["images"]]}
+            batch = {key: np.array([value]) if key == "part" else [value] for key, value in part.items()}
             return lambda: encoder(batch)
 
         # How many steps the new runs take, for each kill point, without the straggler.

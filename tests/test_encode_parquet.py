@@ -161,8 +161,34 @@ def decoded_part(name, paths) -> dict:
 
     part = decode_part({"part": name, "paths": [os.fsencode(p) for p in paths]},
                        {"image_size": 28, "color_mode": "L"})
-    return {"part": np.array([part["part"]]), "paths": [part["paths"]], "reasons": [part["reasons"]],
-            "images": [part["images"]]}
+    return {key: np.array([value]) if key == "part" else [value] for key, value in part.items()}
+
+
+def test_ray_workers_hand_the_driver_each_images_original_size_for_the_domain_check(tmp_path, checkpoint):
+    """The Ray stages (decode task, encoder actor, driver) carry each image's size and mode as its file holds it: the
+    driver's training-domain warning sees a photo as the photo it is, not as the 28 x 28 input it became."""
+    from sklearn.datasets import load_sample_images
+
+    from lqae_sklearn.encoding._encoder import tokenizer_params
+    from lqae_sklearn.encoding._ray import PartEncoder, _staged_parts
+
+    Image.fromarray(load_sample_images().images[0]).save(tmp_path / "photo.png")
+    Image.new("L", (28, 28)).save(tmp_path / "small.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    staging = tmp_path / "_runs" / "00000"
+    staging.mkdir(parents=True)
+    worker = PartEncoder(tokenizer_params(checkpoint, ("ids",), 3, None, 1, "cpu"), ("ids",), False, os.fspath(staging))
+    summary = worker(decoded_part("part-00000-000000.parquet",
+                                  [tmp_path / "photo.png", tmp_path / "bad.png", tmp_path / "small.png"]))
+
+    class Dataset:  # what the driver iterates: Ray Data's rows of the encoder's summaries
+        def iter_rows(self):
+            yield {key: value[0] for key, value in summary.items()}
+
+    (part,) = _staged_parts(Dataset())
+    assert part.originals == [(427, 640, "RGB"), (28, 28, "L")]
+    assert [os.fsdecode(key) for key in part.keys] == [str(tmp_path / "photo.png"), str(tmp_path / "small.png")]
+    assert [path for path, _ in part.failures] == [str(tmp_path / "bad.png")]
 
 
 def test_a_killed_runs_worker_never_changes_what_the_rerun_commits(tmp_path, checkpoint, fashion):

@@ -20,23 +20,33 @@ import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import NamedTuple
 
 import numpy as np
 
-from lqae_sklearn._images import ImageLoadError, load_image, prepare_image
+from lqae_sklearn._images import ImageLoadError, image_summary, load_image, prepare_image
 
 WORKER_DIED = "the decoder process died on this file (crash or out of memory)"
 
 
-def decode_file(path: str, preprocessing: dict):
-    """``(uint8 array, None)`` for a good image, ``(None, reason)`` for a bad one."""
+class Decoded(NamedTuple):
+    """One file, decoded: the model's input, or the reason there is none."""
+
+    image: np.ndarray | None  # uint8, in the checkpoint's size and colour mode
+    reason: str | None
+    original: tuple | None = None  # (height, width, mode) as the file holds it, for the training-domain check
+
+
+def decode_file(path: str, preprocessing: dict) -> Decoded:
+    """The image at ``path`` as model input, with its original size and mode; a reason for a bad file."""
     try:
-        image = prepare_image(load_image(path), preprocessing)
-        return np.asarray(image, dtype=np.uint8), None
+        image = load_image(path)
+        original = image_summary(image)
+        return Decoded(np.asarray(prepare_image(image, preprocessing), dtype=np.uint8), None, original)
     except ImageLoadError as exc:
-        return None, exc.reason
+        return Decoded(None, exc.reason)
     except Exception as exc:  # noqa: BLE001 - a bad file must never stop the run
-        return None, f"cannot decode image ({type(exc).__name__}: {exc})"
+        return Decoded(None, f"cannot decode image ({type(exc).__name__}: {exc})")
 
 
 def decode_batch(paths, preprocessing: dict, decode=decode_file):
@@ -158,7 +168,7 @@ class DecodePipeline:
                 results.extend(self._submit([path]).result())
             except BrokenProcessPool:
                 self._restart()
-                results.append((None, WORKER_DIED))
+                results.append(Decoded(None, WORKER_DIED))
         self._pending = deque((b, self._submit(b)) for b, _ in self._pending)
         return results
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
+
+from lqae_sklearn._images import DomainWarning
 
 from ._run import EncodeOptions, EncodeRun
 
@@ -79,6 +82,13 @@ def encode_dataset(images, out, *, checkpoint=None, outputs=("ids", "text"), lay
     ValueError
         An unusable input, option, checkpoint or output (the message names it).
 
+    Warns
+    -----
+    DomainWarning
+        Once, when images are far from what the checkpoint was trained on (much
+        larger or smaller, or colour for a grayscale checkpoint): its tokens for
+        them are unlikely to mean much.
+
     Examples
     --------
     >>> from lqae_sklearn.encoding import encode_dataset
@@ -93,6 +103,12 @@ def encode_dataset(images, out, *, checkpoint=None, outputs=("ids", "text"), lay
         token_grid=token_grid, labels_from_dirs=labels_from_dirs, batch_size=batch_size, device=device,
         workers=workers, shard=tuple(shard), overwrite=overwrite, extensions=tuple(extensions), progress=progress,
         format=format, engine=engine, part_size=part_size, ray_address=ray_address, actors=actors,
-    ), echo=logger.info)
+    ), echo=logger.info, warn=_warn_domain)
     run.main()
     return run.summary()
+
+
+def _warn_domain(message: str) -> None:
+    # Called from inside the run (EncodeRun._check_domain, _encode_and_commit, main, encode_dataset):
+    # the caller of encode_dataset is 6 frames up.
+    warnings.warn(message, DomainWarning, stacklevel=6)

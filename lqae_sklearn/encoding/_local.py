@@ -19,13 +19,13 @@ def encode_locally(pending, *, preprocessing: dict, tokenizer_params: dict, outp
     tokenizer = None
     try:
         for batch, results in pipeline:
-            good = [(item, array) for item, (array, _) in zip(batch, results) if array is not None]
+            good = [(item, decoded) for item, decoded in zip(batch, results) if decoded.image is not None]
             if good and tokenizer is None:
                 tokenizer = load_tokenizer(tokenizer_params)
-            rows = (encode_images(tokenizer, [item.path for item, _ in good], [array for _, array in good],
+            rows = (encode_images(tokenizer, [item.path for item, _ in good], [d.image for _, d in good],
                                   outputs, with_labels)
                     if good else EncodedBatch([], {}, with_labels))
-            failures = [(item.path, reason) for item, (array, reason) in zip(batch, results) if array is None]
-            yield EncodedPart(keys=rows.keys, failures=failures, batch=rows)
+            failures = [(item.path, d.reason) for item, d in zip(batch, results) if d.image is None]
+            yield EncodedPart(keys=rows.keys, failures=failures, batch=rows, originals=[d.original for _, d in good])
     finally:
         pipeline.close()

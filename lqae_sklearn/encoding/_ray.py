@@ -36,15 +36,16 @@ from ._records import EncodedPart
 def decode_part(row: dict, preprocessing: dict) -> dict:
     """Decode one part's images (a Ray ``map`` task); bad files get a reason instead of an image."""
     paths = [bytes(p) for p in row["paths"]]
-    images, reasons = [], []
+    images, reasons, originals = [], [], []
     for raw in paths:
-        array, reason = decode_file(os.fsdecode(raw), preprocessing)
-        reasons.append(reason or "")
-        if array is not None:
-            images.append(array)
+        decoded = decode_file(os.fsdecode(raw), preprocessing)
+        reasons.append(decoded.reason or "")
+        if decoded.image is not None:
+            images.append(decoded.image)
+            originals.append(decoded.original)
     size = preprocessing["image_size"]
     empty = np.zeros((0, size, size) if preprocessing["color_mode"] == "L" else (0, size, size, 3), np.uint8)
-    return {"part": row["part"], "paths": paths, "reasons": reasons,
+    return {"part": row["part"], "paths": paths, "reasons": reasons, "originals": json.dumps(originals),
             "images": np.stack(images) if images else empty}
 
 
@@ -59,7 +60,7 @@ class PartEncoder:
         self.staging_dir = staging_dir
 
     def __call__(self, batch: dict) -> dict:
-        summaries = {"part": [], "encoded": [], "errors": []}
+        summaries = {"part": [], "encoded": [], "errors": [], "originals": []}
         for i in range(len(batch["part"])):
             name = str(batch["part"][i])
             paths = [bytes(p) for p in batch["paths"][i]]
@@ -71,6 +72,7 @@ class PartEncoder:
             summaries["part"].append(name if good else "")  # "" for a part with no good image: no file
             summaries["encoded"].append([os.fsencode(p) for p in good])
             summaries["errors"].append(json.dumps([[p.hex(), r] for p, r in zip(paths, reasons) if r]))
+            summaries["originals"].append(str(batch["originals"][i]))
         return summaries
 
 
@@ -157,4 +159,5 @@ def _staged_parts(dataset):
             keys=[bytes(p) for p in summary["encoded"]],
             failures=[(os.fsdecode(bytes.fromhex(p)), reason) for p, reason in json.loads(summary["errors"])],
             staged=summary["part"] or None,
+            originals=[tuple(original) for original in json.loads(summary["originals"])],
         )

@@ -88,10 +88,12 @@ class EncodedPart:
     Either ``batch`` holds the rows (the local engine: the output writes them) or
     ``staged`` names a Parquet part a worker already wrote into this run's staging
     folder (Ray); ``keys`` are the images whose rows these are, ``failures`` the
-    ``(path, reason)`` of the files that could not be encoded.
+    ``(path, reason)`` of the files that could not be encoded, ``originals`` the
+    ``(height, width, mode)`` of each encoded image as its file holds it.
     """
 
     keys: list = field(default_factory=list)
     failures: list = field(default_factory=list)
     batch: EncodedBatch | None = None
     staged: str | None = None
+    originals: list = field(default_factory=list)

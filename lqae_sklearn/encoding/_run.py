@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lqae_sklearn._atomic import atomic_write_bytes
+from lqae_sklearn._images import domain_gap
 from lqae_sklearn.model import DEFAULT_CHECKPOINT, CheckpointError, read_checkpoint_config
 
 from ._discovery import discover, in_shard, read_stdin_paths
@@ -82,9 +83,12 @@ def _echo(message: str) -> None:
 class EncodeRun:
     """One invocation of ``lqae-encode``; :meth:`main` returns its exit status."""
 
-    def __init__(self, options: EncodeOptions, echo=_echo):
+    def __init__(self, options: EncodeOptions, echo=_echo, warn=None):
         self.opts = options
         self.echo = echo
+        # How to say, once, that the images are far from the checkpoint's training data.
+        self.warn = warn or (lambda message: echo(f"lqae-encode: warning: {message}"))
+        self.domain_checked = False
         self.stop_signal = None
         self.complete = False  # every pending image committed
         self.fenced = None  # the OutputFenced that stopped this run, if a newer run took OUT over
@@ -144,6 +148,7 @@ class EncodeRun:
         except (CheckpointError, OSError) as exc:
             raise EncodeError(str(exc), "--checkpoint") from exc
         self.preprocessing = config["preprocessing"]
+        self.training_data = config.get("training", {}).get("data")
         self.patch_grid = config["model"]["image_size"] // config["model"]["patch_size"]
         token_grid = resolve_token_grid(config, grid, opts.outputs)
         self.tokenizer_params = tokenizer_params(self.checkpoint, opts.outputs, token_grid, opts.layers,
@@ -253,6 +258,7 @@ class EncodeRun:
             with self._signals_stop_the_loop():
                 try:
                     for part in engine:
+                        self._check_domain(part.originals)
                         self._commit(self.output.commit(part), part.failures)
                         bar.update(len(part.keys) + len(part.failures))
                         if self.stop_signal is not None:
@@ -281,6 +287,15 @@ class EncodeRun:
             return encode_on_ray(pending, part_names=self.output.new_part_name, staging_dir=self.output.staging_dir,
                                  part_size=opts.part_size, ray_address=opts.ray_address, actors=opts.actors, **common)
         return encode_locally(pending, batch_size=opts.batch_size, workers=opts.workers, **common)
+
+    def _check_domain(self, originals) -> None:
+        """Say once when images are far from what the checkpoint was trained on (size, colour)."""
+        if self.domain_checked or not originals:
+            return
+        gap = domain_gap(originals, self.preprocessing, self.training_data)
+        if gap is not None:
+            self.domain_checked = True
+            self.warn(gap)
 
     def _commit(self, committed, failures) -> None:
         """Note what the output committed (no longer failures) and the files that failed."""

@@ -78,8 +78,9 @@ class ProjectedLanguageQuantizer(LanguageQuantizer):
     torch.Size([2, 3])
     """
 
-    #: Scores computed at once by the search (tokens x allowed rows): 256 MB of float32.
-    max_scores = 2**26
+    # Scores computed at once by the search (tokens x allowed rows): 256 MB of float32; a class attribute so that a
+    # test can shrink it.
+    _max_scores = 2**26
 
     def __init__(self, codebook: torch.Tensor, excluded_ids=(), search_dim: int = 32, chunk_size: int = 8192,
                  rescore_top_k: int = 8, map_latents: bool = True):
@@ -127,7 +128,7 @@ class ProjectedLanguageQuantizer(LanguageQuantizer):
         with torch.autocast(x.device.type, enabled=False):
             queries = F.normalize(self.input_map(x.reshape(-1, x.shape[-1]).float()), dim=-1)
             rows = F.normalize(self.code_map(self.allowed_rows), dim=-1)
-            step = max(1, self.max_scores // rows.shape[0])
+            step = max(1, self._max_scores // rows.shape[0])
             local = [(part @ rows.T).argmax(dim=1) for part in queries.split(step)]
         local = torch.cat(local) if local else torch.zeros(0, dtype=torch.long, device=x.device)
         return self.allowed_ids[local].view(x.shape[:-1])
