@@ -27,13 +27,20 @@ even for large checkpoints.
 
 
 def preset_name(model: dict) -> str | None:
-    """The preset whose architecture the checkpoint's config matches, if any."""
+    """The preset whose architecture the checkpoint's config matches, if any.
+
+    The architecture decides; where several presets share it (``small-28-vqvae`` and its
+    ``-restarts`` variant), the one whose other settings agree best with the config wins.
+    """
     defaults = LQAEConfig().to_dict()
-    for name, overrides in PRESETS.items():
-        preset = {**defaults, **overrides}
-        if all(model.get(f, defaults[f]) == preset[f] for f in _ARCHITECTURE_FIELDS):
-            return name
-    return None
+
+    def agreement(overrides: dict) -> int:
+        settings = [f for f in overrides if f not in _ARCHITECTURE_FIELDS]
+        return sum(1 if model.get(f, defaults[f]) == overrides[f] else -1 for f in settings)
+
+    matching = [name for name, overrides in PRESETS.items()
+                if all(model.get(f, defaults[f]) == {**defaults, **overrides}[f] for f in _ARCHITECTURE_FIELDS)]
+    return max(matching, key=lambda name: agreement(PRESETS[name]), default=None)
 
 
 def summarize(path, config: dict) -> dict:

@@ -104,4 +104,8 @@ def test_preset_name_of_custom_architecture():
     from lqae_sklearn import preset_config
 
     assert preset_name(preset_config("small-rgb").to_dict()) == "small-rgb"
+    # Two presets share the VQ-VAE architecture: the settings tell them apart.
+    assert preset_name(preset_config("small-28-vqvae").to_dict()) == "small-28-vqvae"
+    assert preset_name(preset_config("small-28-vqvae-restarts").to_dict()) == "small-28-vqvae-restarts"
+    assert preset_name(preset_config("small-28", mask_ratio=0.3).to_dict()) == "small-28"
     assert preset_name(preset_config("small-28", encoder_depth=2).to_dict()) is None

@@ -302,6 +302,18 @@ def test_set_option_fills_model_overrides_with_typed_values(captured_config):
     assert type(cfg.model_overrides["encoder_dim"]) is int and type(cfg.model_overrides["mlp_ratio"]) is float
 
 
+@pytest.mark.parametrize("args, compile_, mode", [
+    ([], False, None),
+    (["--compile"], True, None),
+    (["--compile", "--compile-mode", "reduce-overhead"], True, "reduce-overhead"),
+])
+def test_compile_options_reach_the_training_config(captured_config, args, compile_, mode):
+    result = CliRunner().invoke(train_cli.main, args)
+    assert result.exit_code == 0, result.output
+    (cfg,) = captured_config
+    assert (cfg.compile, cfg.compile_mode) == (compile_, mode)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--set", "colour=red"], "unknown model field 'colour'"),
     (["--set", "encoder_dim"], "'encoder_dim' is not KEY=VALUE"),

@@ -39,7 +39,11 @@ from ._trainer import ResumeError, TrainConfig, train
 @click.option("--hflip/--no-hflip", default=True)
 @click.option("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'.")
 @click.option("--bf16/--no-bf16", default=None, help="bf16 autocast [default: on for CUDA].")
-@click.option("--compile/--no-compile", "compile_", default=False, help="torch.compile the encoder, decoder and LM.")
+@click.option("--compile/--no-compile", "compile_", default=False,
+              help="torch.compile the training step: forward and losses as one graph, and its backward.")
+@click.option("--compile-mode", type=click.Choice(["default", "reduce-overhead", "max-autotune-no-cudagraphs",
+                                                   "max-autotune"]), default="default",
+              help="torch.compile mode with --compile (reduce-overhead: CUDA graphs).")
 @click.option("--save-every", default=500, help="Write a checkpoint (and a sample grid) every N steps and at the end.")
 @click.option("--log-every", default=50, help="Append a metrics record every N steps.")
 @click.option("--eval-data", help="Images for reconstruction PSNR at each checkpoint [default: Fashion-MNIST test when training on it].")
@@ -51,7 +55,7 @@ from ._trainer import ResumeError, TrainConfig, train
     "without it, a run over an existing one is refused.",
 )
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def main(language_model, image_size, patch_size, settings, compile_, no_progress, **options):
+def main(language_model, image_size, patch_size, settings, compile_, compile_mode, no_progress, **options):
     """Train an LQAE: ViT encoder -> frozen LM word embeddings -> frozen LM -> ViT decoder.
 
     --preset small-28-vqvae (or --set codebook=learned) trains the paper's VQ-VAE
@@ -75,7 +79,8 @@ def main(language_model, image_size, patch_size, settings, compile_, no_progress
         preset_config(options["preset"], **overrides)  # a bad combination fails here, not after loading data
     except ValueError as exc:
         raise click.UsageError(f"invalid model settings: {exc}") from None
-    cfg = TrainConfig(model_overrides=overrides, compile=compile_, progress=not no_progress, **options)
+    cfg = TrainConfig(model_overrides=overrides, compile=compile_, progress=not no_progress,
+                      compile_mode=None if compile_mode == "default" else compile_mode, **options)
     try:
         ckpt = train(cfg)
     except ResumeError as exc:
