@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from lqae_sklearn import LQAE, FrozenLanguageModel, preset_config
 from lqae_sklearn.training._accounting import count_flops
-from lqae_sklearn.training._step import TrainStep, make_optimizer
+from lqae_sklearn.training._step import TrainStep, make_optimizer, plain_loss_terms
 
 PARTS = ("train", "official", "encode")
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
@@ -155,19 +155,6 @@ def release():
     torch._dynamo.reset()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def plain_loss_terms(model: LQAE, images: torch.Tensor, mask: torch.Tensor):
-    """The step as first written: LQAE's forward with the masked rows' MLM logits materialised in float32."""
-    c, lm = model.config, model.language_model
-    z = model.encoder(images)
-    q, ids, codebook_loss, commitment = model.quantizer(z, lm.codebook, c.normalize_latents)
-    q = torch.where(mask.unsqueeze(-1), lm.codebook[lm.mask_token_id].to(q.dtype), q)
-    hidden = lm(q)
-    recon = F.mse_loss(model.decoder(hidden).float(), images.float())
-    mlm = F.cross_entropy(lm.mlm_logits(hidden[mask]).float(), ids[mask])
-    total = recon + codebook_loss + c.commitment_weight * commitment + c.mlm_weight * mlm
-    return torch.stack([total, recon, commitment, mlm]), ids
 
 
 def plain_step(model, images, mask, autocast):

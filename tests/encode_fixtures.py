@@ -35,9 +35,13 @@ def fashion():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, fashion):
+    return write_labelled_folder(tmp_path_factory.mktemp("corpus") / "images", fashion, 120)
+
+
+def write_labelled_folder(root, fashion, count: int):
+    """The first ``count`` images of ``fashion`` as PNG files under ``root/class<label>/``."""
     images, labels = fashion
-    root = tmp_path_factory.mktemp("corpus") / "images"
-    for i in range(120):
+    for i in range(count):
         folder = root / f"class{labels[i]}"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(images[i]).save(folder / f"{i:04d}.png")

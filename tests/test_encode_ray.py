@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
@@ -24,6 +23,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from test_cli_encode import ENCODE, key_of, load_records, run_encode  # noqa: E402
 from test_encode_parquet import parquet_rows, row_keys  # noqa: E402
+from encode_fixtures import write_labelled_folder  # noqa: E402
 
 pytest_plugins = ("encode_fixtures",)  # checkpoint, fashion
 
@@ -39,12 +39,7 @@ def ray_address():
 
 @pytest.fixture(scope="module")
 def images_dir(tmp_path_factory, fashion):
-    images, labels = fashion
-    root = tmp_path_factory.mktemp("ray-corpus") / "images"
-    for i in range(96):
-        folder = root / f"class{labels[i]}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(images[i]).save(folder / f"{i:04d}.png")
+    root = write_labelled_folder(tmp_path_factory.mktemp("ray-corpus") / "images", fashion, 96)
     (root / "class0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     return root
 

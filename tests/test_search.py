@@ -149,11 +149,8 @@ def test_int8_rounding_alone_reorders_rows_and_the_search_still_is_exact():
     assert torch.equal(ExactSearch(rows).nearest(flat, "float32"), expected)
 
 
-def test_the_int8_error_bound_holds_for_every_pair(monkeypatch):
-    """|H - s / sx| <= e for every (query, row): the bound of the module notes, checked in float64
-    (whose own error, ~1e-16, is far below the bound's ~1e-2 scale)."""
-    flat, rows = reordering_case()
-    codebook = Int8Codebook(rows)
+def capture_candidate_pairs(monkeypatch) -> dict:
+    """What the search hands ``candidate_pairs`` (scores and the terms of their error bound), filled in as it runs."""
     captured = {}
     original = _search.candidate_pairs
 
@@ -162,6 +159,15 @@ def test_the_int8_error_bound_holds_for_every_pair(monkeypatch):
         return original(scores, alpha, beta, const, u, v, **kwargs)
 
     monkeypatch.setattr(_search, "candidate_pairs", capture)
+    return captured
+
+
+def test_the_int8_error_bound_holds_for_every_pair(monkeypatch):
+    """|H - s / sx| <= e for every (query, row): the bound of the module notes, checked in float64
+    (whose own error, ~1e-16, is far below the bound's ~1e-2 scale)."""
+    flat, rows = reordering_case()
+    codebook = Int8Codebook(rows)
+    captured = capture_candidate_pairs(monkeypatch)
     codebook.candidates(flat)
     _, _, scale = codebook.scores(flat)
     exact = (flat.double() @ rows.double()[codebook.order].T) / scale.double()[:, None]
@@ -193,14 +199,7 @@ def test_with_rows_int8_holds_exactly_the_whole_error_is_the_querys():
 def test_the_float32_error_bound_holds_for_every_pair(monkeypatch):
     """|H - s| <= e for every (query, row) of the float32 scores, s in float64 (error ~1e-16)."""
     flat, rows = reordering_case()
-    captured = {}
-    original = _search.candidate_pairs
-
-    def capture(scores, alpha, beta, const, u, v, **kwargs):
-        captured.update(scores=scores, alpha=alpha, beta=beta, const=const, u=u, v=v)
-        return original(scores, alpha, beta, const, u, v, **kwargs)
-
-    monkeypatch.setattr(_search, "candidate_pairs", capture)
+    captured = capture_candidate_pairs(monkeypatch)
     ExactSearch(rows).nearest(flat, "float32")
     c = captured
     bound = c["alpha"][:, None] * c["u"] + c["beta"][:, None] * c["v"] + c["const"][:, None]

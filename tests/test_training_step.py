@@ -35,7 +35,7 @@ from lqae_sklearn.model._linear_cross_entropy import linear_cross_entropy
 from lqae_sklearn.model._vit import Attention, Block
 from lqae_sklearn.training import TrainConfig, _trainer
 from lqae_sklearn.training._accounting import TensorMemoryPeak, count_flops
-from lqae_sklearn.training._step import TrainStep, make_optimizer
+from lqae_sklearn.training._step import TrainStep, make_optimizer, plain_loss_terms
 
 from conftest import TINY_OVERRIDES, tiny_config
 
@@ -56,19 +56,6 @@ def paper_model(lm: FrozenLanguageModel, block: str = "lqae") -> LQAE:
                            decoder_dim=32, decoder_depth=1, decoder_heads=2, language_model=lm.name, block=block)
     torch.manual_seed(0)
     return LQAE(config, lm).train()
-
-
-def plain_loss_terms(model: LQAE, images: torch.Tensor, mask: torch.Tensor):
-    """The LQAE loss as first written: the MLM logits of the masked rows materialised in float32."""
-    c, lm = model.config, model.language_model
-    z = model.encoder(images)
-    q, ids, codebook_loss, commitment = model.quantizer(z, lm.codebook, c.normalize_latents)
-    q = torch.where(mask.unsqueeze(-1), lm.codebook[lm.mask_token_id].to(q.dtype), q)
-    hidden = lm(q)
-    recon = F.mse_loss(model.decoder(hidden).float(), images.float())
-    mlm = F.cross_entropy(lm.mlm_logits(hidden[mask]).float(), ids[mask])
-    loss = recon + codebook_loss + c.commitment_weight * commitment + c.mlm_weight * mlm
-    return torch.stack([loss, recon, commitment, mlm]), ids
 
 
 def grads_of(model, terms_fn) -> dict[str, torch.Tensor]:

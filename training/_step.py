@@ -17,6 +17,7 @@ every shape while compiling. ``benchmarks/gpu_paper_scale.py`` measures the mode
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def make_optimizer(params, lr: float, betas, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
@@ -137,3 +138,37 @@ class TrainStep:
         loss, terms, ids = self.forward(images, mask, generator)
         (loss / accumulation).backward()
         return terms.detach(), ids
+
+
+def plain_loss_terms(model, images: torch.Tensor, mask: torch.Tensor):
+    """The LQAE loss as first written, the reference the optimised step is checked and timed against.
+
+    The MLM logits of the masked rows are materialised in float32 (what the chunked term avoids).
+    ``tests/test_training_step.py`` compares :class:`TrainStep` with it; ``benchmarks/gpu_paper_scale.py``
+    times it as the plain step.
+
+    Parameters
+    ----------
+    model : LQAE
+        The model.
+    images : torch.Tensor
+        Images (B, C, H, W) in [0, 1].
+    mask : torch.Tensor
+        Boolean ``<mask>`` positions (B, tokens).
+
+    Returns
+    -------
+    terms : torch.Tensor
+        ``[total, reconstruction, commitment, mlm]``.
+    ids : torch.Tensor
+        The chosen vocabulary ids (B, tokens).
+    """
+    c, lm = model.config, model.language_model
+    z = model.encoder(images)
+    q, ids, codebook_loss, commitment = model.quantizer(z, lm.codebook, c.normalize_latents)
+    q = torch.where(mask.unsqueeze(-1), lm.codebook[lm.mask_token_id].to(q.dtype), q)
+    hidden = lm(q)
+    recon = F.mse_loss(model.decoder(hidden).float(), images.float())
+    mlm = F.cross_entropy(lm.mlm_logits(hidden[mask]).float(), ids[mask])
+    total = recon + codebook_loss + c.commitment_weight * commitment + c.mlm_weight * mlm
+    return torch.stack([total, recon, commitment, mlm]), ids
