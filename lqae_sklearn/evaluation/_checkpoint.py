@@ -295,6 +295,7 @@ def evaluate_checkpoint(checkpoint, *, data=FASHION_MNIST, test_data=None, test_
                   "episodes_per_cell": sizes["n_episodes"],
                   "llm_episodes_per_cell": min(llm_episodes, sizes["n_episodes"]) if has_lm else 0},
         "settings": {"random_state": random_state, "device": resolved_device, "batch_size": batch_size,
+                     "torch_threads": _torch_threads(),
                      "probe": f"[StandardScaler +] LogisticRegression(C={C:g}, max_iter={max_iter}), lbfgs",
                      "kmeans": KMEANS, "kmeans_sizes": kmeans_sizes,
                      "pca": f"PCA(n_components=tokens per image, random_state={random_state}), clipped to [0, 1]"},
@@ -494,6 +495,12 @@ def _progress(show: bool, total: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="step", file=sys.stderr, disable=not show, dynamic_ncols=True)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _version() -> str:

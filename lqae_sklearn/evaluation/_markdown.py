@@ -50,7 +50,7 @@ def evaluation_markdown(result: dict) -> str:
         "",
         f"{run} on {data}: {s['train_images']:,} train images (of {d['train_available']:,}) / {s['test_images']:,} "
         f"test images (of {d['test_available']:,}), seed {result['settings']['random_state']}, "
-        f"device {result['settings']['device']}. k-means: `{result['settings']['kmeans']}` on {patches}. PCA "
+        f"device {result['settings']['device']} ({result['settings']['torch_threads']} torch threads). k-means: `{result['settings']['kmeans']}` on {patches}. PCA "
         f"reconstructions are clipped to [0, 1].",
         "",
         "| tokenizer, same grid | tokens per image | test PSNR, mean of per-image PSNR | test PSNR, dataset-level "
