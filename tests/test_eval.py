@@ -287,17 +287,17 @@ def test_fashion_mnist_quick_run(lqae_checkpoint, monkeypatch):
 
     monkeypatch.setattr(lqae_sklearn.datasets, "fetch_fashion_mnist",
                         lambda subset, return_X_y: fashion_mnist_subset(subset))
-    result = evaluate_checkpoint(lqae_checkpoint, quick=True, n_train=60, n_test=40, kmeans_sizes=(5000,),
+    result = evaluate_checkpoint(lqae_checkpoint, quick=True, n_train=30, n_test=20, kmeans_sizes=(600,),
                                  ways=(2,), device="cpu")
     assert result["quick"] is True and result["data"]["source"] == "fashion-mnist"
-    assert (result["sizes"]["train_images"], result["sizes"]["test_images"]) == (60, 40)
+    assert (result["sizes"]["train_images"], result["sizes"]["test_images"]) == (30, 20)
     assert (result["data"]["train_available"], result["data"]["test_available"]) == (1000, 500)
     assert result["sizes"]["episodes_per_cell"] == 200  # quick's default
     assert result["data"]["classes"][0] == "0: T-shirt/top"
-    # K = 5,000 is more than the 960 train patches: capped, and said so.
-    row = result["reconstruction"]["kmeans_5000"]
-    assert (row["requested_clusters"], row["codebook_size"]) == (5000, 960)
-    assert "capped at 960" in row["label"]
+    # K = 600 is more than the 480 train patches: capped, and said so.
+    row = result["reconstruction"]["kmeans_600"]
+    assert (row["requested_clusters"], row["codebook_size"]) == (600, 480)
+    assert "capped at 480" in row["label"]
     assert "**Quick run** (subsampled)" in evaluation_markdown(result)
 
 
