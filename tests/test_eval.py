@@ -317,7 +317,7 @@ def test_cli_writes_json_and_markdown(lqae_checkpoint, folders, tmp_path):
     assert written["command"] in markdown
     # lbfgs stopped by --max-iter 2 is flagged, in the JSON and in the Markdown.
     assert not written["linear_probe"]["raw_pixels"]["converged"]
-    assert written["linear_probe"]["raw_pixels"]["iterations"] == 2
+    assert written["linear_probe"]["raw_pixels"]["iterations"] == 2 and written["linear_probe"]["raw_pixels"]["hit_cap"]
     assert "(**not converged**: hit the cap)" in markdown
     assert sorted(os.listdir(stem.parent)) == ["eval.v1.json", "eval.v1.md"]  # no temporaries left
 

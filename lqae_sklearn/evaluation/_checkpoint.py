@@ -269,9 +269,13 @@ def evaluate_checkpoint(checkpoint, *, data=FASHION_MNIST, test_data=None, test_
                 one_hot_tokens(kmeans_tokens[probe_k]["test"], n_codes), scale=False)
 
         with timer("few_shot"):
-            few_shot = _few_shot(model, path, resolved_device, has_lm, ways, sizes["n_episodes"], llm_episodes,
-                                 random_state, y_test, test["ids"], kmeans_tokens[probe_k]["test"], test_pixels,
-                                 splits.test_images, probe_k, bar)
+            few_shot = _few_shot(y_test, ways=ways, n_episodes=sizes["n_episodes"], seed=random_state,
+                                 ids=test["ids"], kmeans_ids=kmeans_tokens[probe_k]["test"], kmeans_clusters=probe_k,
+                                 pixels=test_pixels, bar=bar)
+            if llm_episodes and has_lm:
+                _llm_rows(few_shot, y_test, path=path, device=resolved_device, n_episodes=sizes["n_episodes"],
+                          llm_episodes=llm_episodes, seed=random_state, images=splits.test_images,
+                          pixels=test_pixels, bar=bar)
     finally:
         bar.close()
 
@@ -402,18 +406,17 @@ def _layer_columns(model, layers, total_width):
 
 
 # -- few-shot --------------------------------------------------------------------------------------
-def _few_shot(model, path, device, has_lm, ways, n_episodes, llm_episodes, seed, labels, ids, kmeans_ids, pixels,
-              images, probe_k, bar) -> list[dict]:
-    cells, plans = [], {}
+def _few_shot(labels, *, ways, n_episodes, seed, ids, kmeans_ids, kmeans_clusters, pixels, bar) -> list[dict]:
+    """One cell per way: token overlap (checkpoint and k-means ids) against pixel prototypes, same episodes."""
+    cells = []
     for n_way in ways:
         bar.set_description(f"few-shot {n_way}-way")
         try:
-            plans[n_way] = sample_episodes(labels, n_way, 1, 1, n_episodes, seed=seed)
-        except ValueError as exc:
+            episodes = sample_episodes(labels, n_way, 1, 1, n_episodes, seed=seed)
+        except ValueError as exc:  # too few classes or images in the test split for this cell
             cells.append({"ways": n_way, "shots": 1, "chance": 1 / n_way, "skipped": str(exc)})
             bar.update(1)
             continue
-        episodes = plans[n_way]
         cells.append({
             "ways": n_way, "shots": 1, "chance": 1 / n_way, "skipped": None,
             "token_overlap": _interval(episode_accuracies(episodes, lambda e: token_overlap_predict(
@@ -422,34 +425,35 @@ def _few_shot(model, path, device, has_lm, ways, n_episodes, llm_episodes, seed,
                 kmeans_ids[e.support], e.support_y, kmeans_ids[e.query]))),
             "pixel_prototypes": _interval(episode_accuracies(episodes, lambda e: prototype_predict(
                 pixels[e.support], e.support_y, pixels[e.query]))),
-            "kmeans_clusters": probe_k,
+            "kmeans_clusters": kmeans_clusters,
             "llm": None, "pixel_prototypes_llm_episodes": None,
         })
         bar.update(1)
-    if llm_episodes and has_lm and plans:
-        _llm_rows(path, device, plans, llm_episodes, images, pixels, cells, bar)
     return cells
 
 
-def _llm_rows(path, device, plans, llm_episodes, images, pixels, cells, bar) -> None:
+def _llm_rows(cells, labels, *, path, device, n_episodes, llm_episodes, seed, images, pixels, bar) -> None:
     """The default LLM pipeline on the first ``llm_episodes`` episodes of each cell (filled into ``cells``)."""
     from lqae_sklearn._fewshot import LLMFewShotClassifier
     from lqae_sklearn._tokenizer import LQAETokenizer
 
+    plans = {cell["ways"]: sample_episodes(labels, cell["ways"], 1, 1, n_episodes, seed=seed)[:llm_episodes]
+             for cell in cells if not cell["skipped"]}
+    if not plans:
+        return
     bar.set_description("loading the LLM")
     tokenizer = LQAETokenizer(checkpoint=str(path), output="text", device=device).fit()
     used = np.unique(np.concatenate([np.concatenate([e.support, e.query])
-                                     for episodes in plans.values() for e in episodes[:llm_episodes]]))
+                                     for episodes in plans.values() for e in episodes]))
     # The text grid may be coarser than the patch grid: encode the images the LLM episodes use, at it.
-    as_images = images.transpose(0, 2, 3, 1)
     text_ids = np.zeros((len(images), tokenizer.n_tokens_), dtype=np.int64)
-    text_ids[used] = tokenizer.encode(as_images[used], ("ids",))["ids"]
+    text_ids[used] = tokenizer.encode(images[used].transpose(0, 2, 3, 1), ("ids",))["ids"]
     runner = LLMEpisodeRunner(LLMFewShotClassifier(device=device), tokenizer.ids_to_text)
-    bar.total += sum(len(episodes[:llm_episodes]) for episodes in plans.values())
+    bar.total += sum(len(episodes) for episodes in plans.values())
     for cell in cells:
         if cell["skipped"]:
             continue
-        episodes = plans[cell["ways"]][:llm_episodes]
+        episodes = plans[cell["ways"]]
         bar.set_description(f"LLM {cell['ways']}-way")
         start = time.perf_counter()
 

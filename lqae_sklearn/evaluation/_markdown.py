@@ -33,7 +33,7 @@ def evaluation_markdown(result: dict) -> str:
     >>> evaluation_markdown(result).splitlines()[0]  # doctest: +SKIP
     'Checkpoint `.../fashion-mnist-small-28` (LQAE, 1100 training steps), ...'
     """
-    c, d, s = result["checkpoint"], result["data"], result["sizes"]
+    c, d, s, settings = result["checkpoint"], result["data"], result["sizes"], result["settings"]
     if d["source"] == FASHION_MNIST:
         data = "Fashion-MNIST (its train and test splits)"
     elif d.get("test_source"):
@@ -49,8 +49,8 @@ def evaluation_markdown(result: dict) -> str:
         f"tokens per image of {c['image_size']} px, patch {c['patch_size']}, codebook {c['codebook_size']:,}.",
         "",
         f"{run} on {data}: {s['train_images']:,} train images (of {d['train_available']:,}) / {s['test_images']:,} "
-        f"test images (of {d['test_available']:,}), seed {result['settings']['random_state']}, "
-        f"device {result['settings']['device']} ({result['settings']['torch_threads']} torch threads). k-means: `{result['settings']['kmeans']}` on {patches}. PCA "
+        f"test images (of {d['test_available']:,}), seed {settings['random_state']}, device {settings['device']} "
+        f"({settings['torch_threads']} torch threads). k-means: `{settings['kmeans']}` on {patches}. PCA "
         f"reconstructions are clipped to [0, 1].",
         "",
         "| tokenizer, same grid | tokens per image | test PSNR, mean of per-image PSNR | test PSNR, dataset-level "
@@ -63,14 +63,14 @@ def evaluation_markdown(result: dict) -> str:
         perplexity = "n/a" if row["perplexity"] is None else f"{row['perplexity']:,.0f}"
         lines.append(f"| {row['label']} | {row['tokens_per_image']} | {row['psnr_mean_per_image_db']:.2f} dB | "
                      f"{row['psnr_dataset_db']:.2f} dB | {usage} | {perplexity} |")
-    lines += ["", f"Linear probes: {result['settings']['probe']}, trained on the train split, scored on the test "
+    lines += ["", f"Linear probes: {settings['probe']}, trained on the train split, scored on the test "
                   f"split.", "",
               "| probe features | scaler | width | test accuracy | lbfgs iterations |", "|---|---|---|---|---|"]
     for key, row in result["linear_probe"].items():
         if row is None:
             lines.append(f"| {'LM-layer features' if key == 'lm_layers' else key} | | n/a (no language model) | | |")
             continue
-        cap = "" if row["converged"] else " (**not converged**: hit the cap)"
+        cap = "" if row["converged"] else " (**not converged**" + (": hit the cap)" if row.get("hit_cap") else ")")
         lines.append(f"| {row['label']} | {row['scaler']} | {row['width']:,} | {row['accuracy']:.4f} | "
                      f"{row['iterations']}{cap} |")
     llm = any(cell.get("llm") for cell in result["few_shot"])

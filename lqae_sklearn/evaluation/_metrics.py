@@ -47,8 +47,9 @@ def code_figures(ids: np.ndarray, codebook_size: int) -> dict:
 def fit_probe(train, y_train, test, y_test, *, C: float, max_iter: int, scale: bool = True) -> dict:
     """LogisticRegression (lbfgs, to convergence or ``max_iter``), after a StandardScaler if ``scale``.
 
-    Returns the test accuracy, the feature width, lbfgs's iterations and whether the
-    fit converged (no ConvergenceWarning and the cap not reached).
+    Returns the test accuracy, the feature width, lbfgs's iterations, whether the
+    fit converged (no ConvergenceWarning and the cap not reached) and whether it
+    stopped at the cap.
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -65,7 +66,7 @@ def fit_probe(train, y_train, test, y_test, *, C: float, max_iter: int, scale: b
     warned = any(issubclass(w.category, ConvergenceWarning) for w in caught)
     return {"accuracy": float(model.score(test, y_test)), "width": int(train.shape[1]),
             "scaler": "StandardScaler" if scale else "none", "iterations": iterations,
-            "converged": not warned and iterations < max_iter,
+            "converged": not warned and iterations < max_iter, "hit_cap": iterations >= max_iter,
             "fit_seconds": round(time.perf_counter() - start, 1)}
 
 
