@@ -26,7 +26,14 @@ from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_consistent_length, check_is_fitted, column_or_1d, validate_data
+from sklearn.utils.validation import (
+    _get_feature_names,
+    check_array,
+    check_consistent_length,
+    check_is_fitted,
+    column_or_1d,
+    validate_data,
+)
 
 from ._loading import device_here, unavailable_device
 from .llm import HuggingFaceBackend, LanguageModelBackend, make_backend
@@ -113,8 +120,10 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
     example_indices_ : ndarray of int
         Indices into the training ``X`` of the demonstrations, in prompt order.
     prompt_ : FewShotPrompt
-        The written prompt: its template, ``label_scoring``, labels and the
-        shared ``prefix`` (instruction line and demonstrations).
+        The written prompt: its template, ``label_scoring``, labels,
+        ``max_tokens_per_item`` (which cuts the queries as it cut the
+        demonstrations) and the shared ``prefix`` (instruction line and
+        demonstrations).
     prompt_prefix_ : str
         ``prompt_.prefix``: the prompt every query shares.
     backend_ : LanguageModelBackend
@@ -129,6 +138,13 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
     (``prompt``, ``instruction``, ``label_scoring``, ``max_tokens_per_item``,
     the demonstrations) is written into ``prompt_``, and the backend is built
     into ``backend_``. After ``set_params``, call ``fit`` again.
+
+    **A failed fit.** A ``fit`` that raises leaves the estimator as it was: a
+    fitted estimator keeps its previous fitted state, whole and usable
+    (``transform``/``predict`` give what they gave before); an unfitted one stays
+    unfitted. Whatever makes it raise (a bad parameter, ``X`` or ``y``, a model
+    or server that cannot be loaded), ``fit`` computes everything first and
+    assigns the fitted attributes only once all of it has succeeded.
 
     **Inputs.** ``X`` is a 1-D sequence of texts, or a 2-D array (or DataFrame)
     whose rows are sequences of tokens: each row's cells are written as text and
@@ -222,9 +238,8 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         self : LLMFewShotClassifier
             The fitted classifier.
         """
-        for name in ("n_features_in_", "feature_names_in_"):
-            self.__dict__.pop(name, None)  # set again below only for 2-D X
-        texts = self._texts(X, reset=True)
+        # Everything is computed into locals and assigned at the end: a fit that raises changes nothing (Notes).
+        texts, columns = self._texts(X, fitting=True)
         y = column_or_1d(y, warn=True)
         check_consistent_length(texts, y)
         check_classification_targets(y)
@@ -242,6 +257,7 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         if len(set(label_texts)) != len(label_texts):
             raise ValueError(f"classes {list(classes)!r} do not have distinct label texts {label_texts!r}")
 
+        # The demonstrations: n_examples_per_class of each class, interleaved (see Notes).
         rng = check_random_state(self.random_state)
         shots = [rng.permutation(np.flatnonzero(y == c))[: self.n_examples_per_class] for c in classes]
         order = []
@@ -251,13 +267,20 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
                     order.append((int(shots[k][round_]), k))
 
         prompt = FewShotPrompt.build(self.prompt, self.label_scoring, label_texts,
-                                     [(texts[i], k) for i, k in order], self.instruction)
-        backend = self._backend(options)  # may fail (a server down): then nothing fitted has changed
+                                     [(texts[i], k) for i, k in order], self.instruction, self.max_tokens_per_item)
+        backend, backend_source = self._backend(options)  # may fail (a server down, a missing folder)
+
         self.classes_ = classes
         self.label_texts_ = label_texts
         self.example_indices_ = np.array([i for i, _ in order], dtype=np.int64)
         self.prompt_ = prompt
         self.backend_ = backend
+        self._backend_source = backend_source
+        for name, value in columns.items():  # set for 2-D X, removed for 1-D texts
+            if value is None:
+                self.__dict__.pop(name, None)
+            else:
+                setattr(self, name, value)
         return self
 
     def _backend_options(self) -> dict:
@@ -279,19 +302,21 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
             options["device"] = self.device
         return options
 
-    def _backend(self, options: dict) -> LanguageModelBackend:
-        """The loaded backend for ``llm`` and ``options``: the current one when neither changed (a refit)."""
+    def _backend(self, options: dict) -> tuple[LanguageModelBackend, tuple]:
+        """The loaded backend for ``llm`` and ``options``, and what it was built from.
+
+        The current backend when neither changed since the last fit (a refit keeps the loaded model).
+        """
         source = (self.llm, repr(sorted(options.items(), key=repr)))
         current, built_from = self.__dict__.get("backend_"), self.__dict__.get("_backend_source")
         if current is not None and built_from is not None and built_from[0] is source[0] and built_from[1] == source[1]:
-            return current  # refitting with new examples keeps the loaded model
+            return current, built_from
         if isinstance(self.llm, LanguageModelBackend):
             backend = copy.copy(self.llm)  # loading sets state on the backend: never on the caller's object
         else:
             backend = make_backend(None if self.llm is None else os.fspath(self.llm), **options)
         backend.load()
-        self._backend_source = source  # only once loaded: a failed load is retried by the next fit
-        return backend
+        return backend, source
 
     def __setstate__(self, state):
         backend = state.get("backend_")
@@ -302,14 +327,25 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         super().__setstate__(state)
 
     # -- inputs --------------------------------------------------------------------------------------------
-    def _texts(self, X, reset: bool) -> list[str]:
-        """Texts from 1-D texts, or from 2-D rows of tokens (validated as scikit-learn validates tables)."""
+    def _texts(self, X, fitting: bool = False) -> tuple[list[str], dict]:
+        """``(texts, columns)`` from 1-D texts or 2-D rows of tokens (checked as scikit-learn checks tables).
+
+        ``columns`` holds the values of ``n_features_in_`` and ``feature_names_in_``
+        that ``X`` gives (None: unset). In fit (``fitting=True``) they are only
+        returned, for fit to assign once everything else has succeeded; after fit,
+        2-D ``X`` must have the fitted columns.
+        """
         if isinstance(X, (str, bytes)):
             raise TypeError("X must be a sequence of texts, not a single string")
         table = sp.issparse(X) or hasattr(X, "columns")
         array = None if table else np.asarray(X, dtype=object)
+        columns = {"n_features_in_": None, "feature_names_in_": None}
         if table or array.ndim == 2:
-            rows = validate_data(self, X, reset=reset, dtype=None)
+            if fitting:
+                rows = check_array(X, dtype=None, estimator=self, input_name="X")
+            else:
+                rows = validate_data(self, X, reset=False, dtype=None)
+            columns = {"n_features_in_": rows.shape[1], "feature_names_in_": _get_feature_names(X)}
             texts = [" ".join(str(cell) for cell in row) for row in rows]
         elif array.ndim != 1:
             raise ValueError(f"X must be 1-D texts or a 2-D array of tokens, got shape {array.shape}")
@@ -322,13 +358,7 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
                     raise ValueError(f"X[{i}] must be a str, got {type(item).__name__}: {item!r}. Reshape your "
                                      f"data to 2-D for rows of tokens (a 1-D X holds texts)")
                 texts.append(str(item))
-        return [self._truncate(t) for t in texts]
-
-    def _truncate(self, text: str) -> str:
-        if self.max_tokens_per_item is None:
-            return text
-        tokens = text.split()
-        return text if len(tokens) <= self.max_tokens_per_item else " ".join(tokens[: self.max_tokens_per_item])
+        return texts, columns
 
     # -- prediction ---------------------------------------------------------------------------------------
     def format_prompt(self, text: str, label=None) -> str:
@@ -349,7 +379,7 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
             The prompt text.
         """
         check_is_fitted(self)
-        (text,) = self._texts([text], reset=False)
+        (text,), _ = self._texts([text])
         if label is None:
             return self.prompt_.render(text)
         matches = np.flatnonzero(self.classes_ == label)
@@ -374,7 +404,7 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
             :meth:`FewShotPrompt.requests`).
         """
         check_is_fitted(self)
-        return self.prompt_.requests(self._texts(X, reset=False))
+        return self.prompt_.requests(self._texts(X)[0])
 
     def _scores(self, X) -> np.ndarray:
         """(n_samples, n_classes) class scores."""

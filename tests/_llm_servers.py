@@ -1,4 +1,4 @@
-"""Real HTTP servers on 127.0.0.1 for the OpenAI-compatible backend tests.
+"""Real HTTP servers on loopback addresses for the OpenAI-compatible backend tests.
 
 * :class:`ModelServer` serves ``/v1/completions`` with ``echo`` and ``logprobs`` the
   way the OpenAI API defines it, scoring each prompt with a local Hugging Face model
@@ -10,7 +10,10 @@
   and otherwise answers with synthetic log-probs: each character of the prompt is
   one token whose log-prob is ``-(ord(char) % 7 + 1) / 10``.
 
-Both count the requests they receive, so tests can assert what was retried.
+Both count the requests they receive, so tests can assert what was retried. Both
+listen on 127.0.0.1 unless told another loopback address (Linux routes all of
+127.0.0.0/8 to ``lo``), and can answer the paths under one prefix with a redirect
+(``moved=(status, old_prefix, new_prefix)``), to this server or to another one.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import torch
 
 
 class _Server:
-    """A ThreadingHTTPServer on an ephemeral port of 127.0.0.1, in a daemon thread."""
+    """A ThreadingHTTPServer on an ephemeral port of ``host`` (a loopback address), in a daemon thread."""
 
-    def __init__(self):
+    def __init__(self, host: str = "127.0.0.1", moved: tuple | None = None):
         owner = self
+        self.moved = moved
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -44,15 +48,19 @@ class _Server:
 
         self.requests: list[dict] = []
         self._lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer((host, 0), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
     @property
-    def url(self) -> str:
+    def root(self) -> str:
         host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"http://{host}:{port}"
+
+    @property
+    def url(self) -> str:
+        return self.root + "/v1"
 
     def completion_requests(self) -> list[dict]:
         with self._lock:
@@ -76,6 +84,10 @@ class _Server:
             record["body"] = raw
         with self._lock:
             self.requests.append(record)
+        if self.moved is not None and handler.path.startswith(self.moved[1]):
+            status, old, new = self.moved
+            return self.send(handler, status, {"error": {"message": "moved"}},
+                             {"Location": new + handler.path[len(old):]})
         self.respond(handler, method, handler.path, record["body"])
 
     @staticmethod
@@ -109,7 +121,7 @@ def _completion_payload(prompts, scored):
 class ModelServer(_Server):
     """``/v1/completions`` backed by a Hugging Face causal LM in a folder with a ``tokenizer.json``."""
 
-    def __init__(self, model, tokenizer_file: str, bos_token_id: int | None, name: str = "local-model"):
+    def __init__(self, model, tokenizer_file: str, bos_token_id: int | None, name: str = "local-model", **server):
         from tokenizers import Tokenizer
 
         self.model = model
@@ -117,7 +129,7 @@ class ModelServer(_Server):
         self.bos_token_id = bos_token_id
         self.name = name
         self._model_lock = threading.Lock()
-        super().__init__()
+        super().__init__(**server)
 
     def respond(self, handler, method, path, body):
         if method == "GET" and path == "/v1/models":
@@ -160,16 +172,20 @@ class FaultServer(_Server):
     Actions: ``"ok"``, ``("429", retry_after_header)``, ``"500"``, ``"503"``,
     ``"400"``, ``("hang", seconds)``, ``"drop"`` (close without answering),
     ``"badjson"``, ``"nologprobs"``, ``"generated_only"``. ``models`` is what
-    ``GET /v1/models`` answers: an HTTP status (404 by default), or ``("hang", seconds)``.
+    ``GET /v1/models`` answers: an HTTP status (404 by default), a model name to list, or
+    ``("hang", seconds)``.
+    ``host`` and ``moved`` are :class:`_Server`'s.
     """
 
-    def __init__(self, script=(), models=404):
+    def __init__(self, script=(), models=404, **server):
         self.script = list(script)
         self.models = models
-        super().__init__()
+        super().__init__(**server)
 
     def respond(self, handler, method, path, body):
         if path == "/v1/models" and self.models != 404:
+            if isinstance(self.models, str):
+                return self.send(handler, 200, {"object": "list", "data": [{"id": self.models, "object": "model"}]})
             if isinstance(self.models, tuple):
                 time.sleep(self.models[1])
                 return self.send(handler, 200, {"data": [{"id": "m"}]})

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,22 +20,57 @@ def make_folder(path: Path, text: str) -> Path:
     return path
 
 
+#: A reader in its own process: stats the folder as fast as it can until told to stop, then prints how
+#: often it looked, how often the folder was missing, and how often it found another folder (inode) there
+#: than the time before: a swap it saw (freed inode numbers are reused, so distinct ones are not counted).
+READER = """
+import json, os, sys
+target, ready, stop = sys.argv[1:]
+looks = missing = changes = 0
+last = None
+open(ready, "w").close()
+while not os.path.exists(stop):
+    for _ in range(200):
+        looks += 1
+        try:
+            inode = os.stat(target).st_ino
+        except FileNotFoundError:
+            missing += 1
+            continue
+        changes += inode != last
+        last = inode
+print(json.dumps({"looks": looks, "missing": missing, "changes": changes}))
+"""
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
 def test_folder_swap_never_leaves_the_path_missing(tmp_path, monkeypatch):
+    """A reader in another process watches the path while it is swapped 300 times: it must look often,
+    see many of the swapped-in folders (so it really watched them happen), and never find the path missing."""
     assert _atomic.folder_swap_is_atomic()
-    target = make_folder(tmp_path / "checkpoint", "old")
-    seen = []
-    real_replace = os.replace
-
-    def replace_and_look(src, dst):  # any rename on the way must leave the target in place
-        real_replace(src, dst)
-        seen.append(target.exists())
-
-    monkeypatch.setattr(_atomic.os, "replace", replace_and_look)
-    _atomic.replace_dir(make_folder(tmp_path / ".new", "new"), target)
-    assert (target / "config.json").read_text() == "new"
-    assert all(seen)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # the old folder is gone
+    # Flushing to disk is not what is tested here, and it would make 300 swaps slow.
+    monkeypatch.setattr(_atomic, "fsync_tree", lambda path: None)
+    monkeypatch.setattr(_atomic, "fsync_dir", lambda path: None)
+    target = make_folder(tmp_path / "checkpoint", "0")
+    ready, stop = tmp_path / "ready", tmp_path / "stop"
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(target), str(ready), str(stop)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert reader.poll() is None and time.monotonic() < deadline, "the reader did not start"
+            time.sleep(0.01)
+        swaps = 300
+        for i in range(1, swaps + 1):
+            _atomic.replace_dir(make_folder(tmp_path / f".new{i}", str(i)), target)
+    finally:
+        stop.touch()
+        out, _ = reader.communicate(timeout=60)
+    seen = json.loads(out)
+    assert (target / "config.json").read_text() == str(swaps)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "ready", "stop"]  # old folders gone
+    assert seen["missing"] == 0, seen
+    assert seen["looks"] > 1_000 and seen["changes"] > 10, seen  # it watched, and saw swaps happen (30k-170k, 80-270 here)
 
 
 def test_without_an_exchange_the_fallback_still_replaces_the_folder(tmp_path, monkeypatch):

@@ -5,11 +5,18 @@ import subprocess
 import sys
 
 import pytest
+from safetensors.torch import load_file
 
-from lqae_sklearn.model import DEFAULT_CHECKPOINT
+from lqae_sklearn.model import DEFAULT_CHECKPOINT, read_checkpoint_config
+from lqae_sklearn.model._checkpoint import tensors_sha256
 from lqae_sklearn.cli.info import preset_name
 
 INFO = [sys.executable, "-m", "lqae_sklearn.cli.info"]
+
+
+def fields(text: str) -> dict:
+    """lqae-info's text as {label: value}: a label fills the first 16 columns; continuation lines are left out."""
+    return {line[:16].strip(): line[16:] for line in text.splitlines() if line[:16].strip()}
 
 
 @pytest.fixture(scope="session")
@@ -39,14 +46,26 @@ def test_info_text(small_checkpoint):
     result = subprocess.run(INFO + [str(small_checkpoint)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "small-28" in out and "random (bert, vocabulary 120, width 32" in out
-    assert "28x28 L" in out and "49 tokens" in out
-    assert "dataset: fashion-mnist" in out and "test_mse: 0.0123" in out
+    embeddings = read_checkpoint_config(small_checkpoint)["language_model"]["embedding_sha256"]
+    assert fields(out) == {
+        "checkpoint": str(small_checkpoint),
+        "preset": "small-28",
+        "language model": f"random (bert, vocabulary 120, width 32, embeddings {embeddings})",
+        "image": "28x28 L, patch 4 -> 49 tokens per image",
+        "encoder": "4 x 256 (vit blocks), decoder 4 x 256",
+        "training": "dataset: fashion-mnist",
+        "metrics": "test_mse: 0.0123",
+        "weights sha256": tensors_sha256(load_file(small_checkpoint)),  # computed here from the weights
+        "format version": "1",
+    }
+    assert "\n                split: train\n                steps: 1200\n" in out
+    assert "\n                token_usage: 0.41\n" in out
 
 
 def test_info_json(small_checkpoint):
     result = subprocess.run(INFO + [str(small_checkpoint), "--json"], capture_output=True, text=True, timeout=120)
     info = json.loads(result.stdout)
+    assert info["checkpoint"] == str(small_checkpoint) and info["weights_sha256"] == tensors_sha256(load_file(small_checkpoint))
     assert info["preset"] == "small-28" and info["image_size"] == 28 and info["tokens_per_image"] == 49
     assert info["language_model"]["vocab_size"] == 120
     assert info["training"]["steps"] == 1200 and info["metrics"]["token_usage"] == 0.41
@@ -67,8 +86,18 @@ def test_info_bad_checkpoints_exit_2(tmp_path):
 
 @pytest.mark.skipif(not DEFAULT_CHECKPOINT.exists(), reason="the packaged checkpoint is not trained yet")
 def test_info_default_checkpoint():
+    """The shipped checkpoint's facts, as the model card states them; the checksum computed from its weights."""
     result = subprocess.run(INFO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "fashion" in result.stdout.lower()
+    assert result.returncode == 0, result.stderr
+    shown = fields(result.stdout)
+    assert shown["checkpoint"] == str(DEFAULT_CHECKPOINT)
+    assert shown["preset"] == "small-28"
+    assert shown["language model"].startswith("all-MiniLM-L6-v2 (bert, vocabulary 30522, width 384, embeddings ")
+    assert shown["image"] == "28x28 L, patch 4 -> 49 tokens per image"
+    assert shown["encoder"] == "4 x 256 (vit blocks), decoder 4 x 256"
+    assert shown["training"] == "data: source=fashion-mnist, split=train, num_images=60000"
+    assert "\n                steps: 1100\n" in result.stdout
+    assert shown["weights sha256"] == tensors_sha256(load_file(DEFAULT_CHECKPOINT / "model.safetensors"))
 
 
 def test_preset_name_of_custom_architecture():

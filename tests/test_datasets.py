@@ -18,11 +18,14 @@ import re
 import textwrap
 import threading
 import time
+import tracemalloc
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lqae_sklearn.datasets import _fashion_mnist, fetch_fashion_mnist, load_fashion_mnist, read_idx
@@ -74,6 +77,60 @@ def test_read_idx_names_a_damaged_gzip_file(tmp_path):
     damaged.write_bytes((FASHION_MNIST_SUBSET / damaged.name).read_bytes()[:-20])
     with pytest.raises(ValueError, match=f"{damaged} is not a complete gzip file"):
         read_idx(damaged)
+
+
+def test_read_idx_holds_a_file_once_in_a_writeable_array(tmp_path):
+    """The content is read straight into the array's memory: writeable, and not held twice on the way
+    (a bytes object then a copy of it would double the peak)."""
+    images = np.random.default_rng(0).integers(0, 4, size=(2000, 64, 64), dtype=np.uint8)  # 8 MB
+    content = b"\0\0\x08\x03" + b"".join(n.to_bytes(4, "big") for n in images.shape) + images.tobytes()
+    (tmp_path / "images-idx3-ubyte").write_bytes(content)
+    (tmp_path / "images-idx3-ubyte.gz").write_bytes(gzip.compress(content, compresslevel=1))
+    for name in ("images-idx3-ubyte", "images-idx3-ubyte.gz"):
+        tracemalloc.start()
+        try:
+            array = read_idx(tmp_path / name)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        np.testing.assert_array_equal(array, images)
+        assert array.flags.writeable, name
+        assert peak < 1.2 * images.nbytes, (name, peak, images.nbytes)
+    longer = tmp_path / "longer-idx3-ubyte"
+    longer.write_bytes(content + b"\0")
+    with pytest.raises(ValueError, match=f"{longer} is longer than its header says: header promises "
+                                         f"{images.size} bytes, file holds {images.size + 1}"):
+        read_idx(longer)
+
+
+# -- the pins of the full data set ------------------------------------------------------------
+
+#: The four official files, pinned independently of the fetcher's table (which every test below
+#: swaps for the subset's). Content SHA-256 and size: shared/reference/measured-baselines.md,
+#: measured on Debian's dataset-fashion-mnist files (and again with ``zcat FILE.gz | sha256sum``).
+#: SHA-256 of the official .gz downloads: the same four values in FluxML/Flux.jl
+#: (src/data/fashion-mnist.jl) and Britefury/batchup (batchup/datasets/fashion_mnist.py), two
+#: loaders that download the files from the dataset's S3 address and check them.
+OFFICIAL_FILES = {
+    "train-images-idx3-ubyte": ("3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+                                "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888", 47_040_016),
+    "train-labels-idx1-ubyte": ("a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+                                "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", 60_008),
+    "t10k-images-idx3-ubyte": ("346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+                               "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b", 7_840_016),
+    "t10k-labels-idx1-ubyte": ("67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+                               "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34", 10_008),
+}
+
+
+def test_the_fetcher_pins_the_official_files():
+    table = _fashion_mnist._FILES
+    assert {split: tuple(spec.name for spec in specs) for split, specs in table.items()} == NAMES
+    for spec in (spec for specs in table.values() for spec in specs):
+        gz_sha256, sha256, size = OFFICIAL_FILES[spec.name]
+        assert (spec.gz_sha256, spec.sha256) == (gz_sha256, sha256), spec.name
+        assert 4 + 4 * len(spec.shape) + int(np.prod(spec.shape)) == size, spec.name  # the header and one byte a pixel
+    assert [spec.shape[0] for specs in table.values() for spec in specs] == [60_000, 60_000, 10_000, 10_000]
 
 
 # -- the search order and checks, with the pins swapped for the subset's ----------------------
@@ -138,6 +195,21 @@ def test_bunch_and_return_X_y(subset_pins, places):
     np.testing.assert_array_equal(y2, y)
     with pytest.raises(ValueError, match="subset must be 'train' or 'test', got 'valid'"):
         fetch_fashion_mnist(subset="valid", data_home=home)
+
+
+def test_fetched_arrays_are_writeable_as_scikit_learns_are(subset_pins, places):
+    home = places[0]
+    put_subset(home / "fashion_mnist", "test")
+    bunch = fetch_fashion_mnist(subset="test", data_home=home)
+    X, y = fetch_fashion_mnist(subset="test", data_home=home, return_X_y=True)
+    for array in (bunch.data, bunch.target, X, y):
+        assert array.flags.writeable
+    before = int(bunch.data[0, 0, 0])
+    X[0, 0, 0] = before ^ 1  # raised "assignment destination is read-only" when the arrays were views of bytes
+    assert X[0, 0, 0] == before ^ 1 and bunch.data[0, 0, 0] == before  # each fetch has arrays of its own
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns "The given NumPy array is not writable"
+        assert torch.from_numpy(bunch.data).shape == (500, 28, 28)
 
 
 def test_data_home_defaults_to_scikit_learn_data(subset_pins, places, tmp_path, monkeypatch):
@@ -350,13 +422,14 @@ def test_offline_gives_one_error_naming_the_three_ways(subset_pins, places, monk
 
 def test_a_killed_download_leaves_nothing_that_passes_for_data(server, places):
     """SIGKILL a real process in the middle of a download; the next fetch downloads again and is right."""
-    home = places[0]
+    home, _, debian = places
     server.modes["t10k-images-idx3-ubyte.gz"] = "stall"
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import lqae_sklearn.datasets._fashion_mnist as fm
         from test_datasets import subset_pin_table
+        fm.DEBIAN_FASHION_MNIST_DIR = fm.Path({str(debian)!r})  # this machine's copy would be found first
         fm.FASHION_MNIST_MIRRORS[:] = [{server.url!r}]
         fm._FILES = subset_pin_table()
         fm.fetch_fashion_mnist(subset="test", data_home={str(home)!r}, timeout=60)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.base import clone
-from sklearn.model_selection import GridSearchCV
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _llm_models import tiny_model_dir  # noqa: E402
 
 from lqae_sklearn import DeviceWarning, LLMFewShotClassifier  # noqa: E402
-from lqae_sklearn.llm import HuggingFaceBackend, _cache  # noqa: E402
+from lqae_sklearn.llm import HuggingFaceBackend, LanguageModelBackend, LLMBackendError, _cache  # noqa: E402
 
 WORDS = ["shoe", "##s", "black", "sleeve", "bag", "##ish", "strap", "wool", "pull", "##over", "boot", "heel"]
 
@@ -213,6 +213,25 @@ def test_max_tokens_per_item_truncates_inputs():
     assert clf.format_prompt("k l m n").endswith("Input: k l\nOutput:")
 
 
+def test_max_tokens_per_item_is_read_by_fit_only():
+    """Demonstrations and queries are cut by the same fitted value, whatever set_params says after fit."""
+    X = np.array(["a b c d e", "f g h i j"], dtype=object)
+    query = ["k l m n o"]
+    clf = _tiny(max_tokens_per_item=3).fit(X, ["x", "y"])
+    prefix, requests, proba = clf.prompt_prefix_, clf.scoring_requests(query), clf.predict_proba(query)
+    assert requests == (["Input: k l m\nOutput:"], [" x\n", " y\n"]) and prefix.count(" c\nOutput:") == 1
+    for unfitted in (1, None):
+        clf.set_params(max_tokens_per_item=unfitted)
+        assert clf.scoring_requests(query) == requests and clf.prompt_prefix_ == prefix
+        assert clf.format_prompt(query[0]) == prefix + "Input: k l m\nOutput:"
+        np.testing.assert_array_equal(clf.predict_proba(query), proba)
+    clf.set_params(max_tokens_per_item=1).fit(X, ["x", "y"])
+    assert clf.scoring_requests(query)[0] == ["Input: k\nOutput:"] and "Input: a\nOutput:" in clf.prompt_prefix_
+    # And the other way: fitted without a limit, a limit set afterwards cuts nothing.
+    whole = _tiny().fit(X, ["x", "y"]).set_params(max_tokens_per_item=1)
+    assert whole.scoring_requests(query)[0] == ["Input: k l m n o\nOutput:"]
+
+
 def test_inputs_may_be_a_column_and_labels_anything():
     X, _ = _data(n_per_class=2, classes=("a", "b"))
     clf = _tiny().fit(X.reshape(-1, 1), [0, 0, 1, 1])
@@ -259,6 +278,91 @@ def test_backend_options_that_do_not_apply_are_refused():
         LLMFewShotClassifier(HuggingFaceBackend(tiny_model_dir()), batch_size=2).fit(X, y)
     with pytest.raises(TypeError, match="unknown options for a Hugging Face model: \\['timeout'\\]"):
         _tiny(llm_options={"timeout": 3}).fit(X, y)
+
+
+# -- a failed fit changes nothing (see the Notes) ------------------------------------------------------------------
+class _UnloadableBackend(LanguageModelBackend):
+    """A backend whose model cannot be loaded (as a missing folder or a refused server would be)."""
+
+    identity = "unloadable"
+
+    def load(self):
+        raise LLMBackendError("the model cannot be loaded")
+
+    def score(self, prefix, queries, continuations):  # pragma: no cover - never loaded
+        raise AssertionError("never reached")
+
+
+def _three_columns(y_fn=lambda y: y):
+    X, y = _data(n_per_class=2, classes=("dax", "blicket"), n_tokens=3)
+    return np.array([t.split() for t in X], dtype=object), y_fn(y)
+
+
+#: Each way fit can fail, on rows of 3 tokens (a fitted estimator saw 2): (name, params, X and y, error, match).
+FAILED_FITS = [
+    ("bad parameter", {"n_examples_per_class": 0}, _three_columns(), ValueError, "n_examples_per_class"),
+    ("bad parameter, found in fit", {"prompt": "{label}: {input}\n"}, _three_columns(), ValueError,
+     r"\{input\} then \{label\}"),
+    ("bad instruction", {"instruction": "Pick {classes}"}, _three_columns(), ValueError, "only contain the field"),
+    ("key in llm_options", {"llm_options": {"api_key": "sk-1"}}, _three_columns(), ValueError, "API key"),
+    ("bad X: NaN", {}, (np.array([[0.5, np.nan, 1.0], [1.0, 2.0, 3.0]]), ["x", "y"]), ValueError,
+     "Input X contains NaN"),
+    ("bad X: 3-D", {}, (np.array([[["a"]], [["c"]]]), ["x", "y"]), ValueError, "1-D texts or a 2-D array"),
+    ("bad X: not texts", {}, (["a", 3], ["x", "y"]), ValueError, r"X\[1\] must be a str"),
+    ("bad y: one class", {}, _three_columns(lambda y: np.full_like(y, "dax")), ValueError, "needs at least 2"),
+    ("bad y: length", {}, _three_columns(lambda y: y[:-1]), ValueError, "inconsistent numbers of samples"),
+    ("bad y: empty label", {}, _three_columns(lambda y: np.where(y == "dax", " ", y)), ValueError,
+     "empty label text"),
+    ("backend load failure", {"llm": _UnloadableBackend()}, _three_columns(), LLMBackendError, "cannot be loaded"),
+    ("model folder missing", {"llm": "/nowhere/model"}, _three_columns(), OSError, "could not load a causal"),
+    ("server settings refused at load", {"llm": "http://127.0.0.1:9/v1", "llm_options": {"timeout": 0}},
+     _three_columns(), ValueError, "timeout must be a positive number"),
+]
+
+
+def _fitted_state(clf) -> dict:
+    """Everything fit sets: public attributes ending in '_' and the private record of the loaded backend."""
+    return {k: v for k, v in vars(clf).items() if k.endswith("_") or k == "_backend_source"}
+
+
+@pytest.mark.parametrize(("name", "params", "data", "error", "match"), FAILED_FITS, ids=[f[0] for f in FAILED_FITS])
+def test_a_failed_refit_keeps_the_fitted_state_whole(name, params, data, error, match):
+    X, y = _data(n_per_class=2, classes=("dax", "blicket"), n_tokens=2)
+    rows = np.array([t.split() for t in X], dtype=object)  # 2 token columns
+    clf = _tiny().fit(rows, y)
+    state, proba, prompt_text = _fitted_state(clf), clf.predict_proba(rows), clf.format_prompt("a b")
+    clf.set_params(**params)
+    with pytest.raises(error, match=match):
+        clf.fit(*data)
+    assert getattr(clf, "n_features_in_", None) == 2 and clf.format_prompt("a b") == prompt_text
+    after = _fitted_state(clf)
+    assert sorted(after) == sorted(state)
+    assert [k for k in state if after[k] is not state[k]] == []  # not one fitted attribute was replaced
+    np.testing.assert_array_equal(clf.predict_proba(rows), proba)
+
+
+@pytest.mark.parametrize(("name", "params", "data", "error", "match"), FAILED_FITS, ids=[f[0] for f in FAILED_FITS])
+def test_a_failed_first_fit_leaves_the_estimator_unfitted(name, params, data, error, match):
+    from sklearn.exceptions import NotFittedError
+
+    clf = _tiny().set_params(**params)
+    with pytest.raises(error, match=match):
+        clf.fit(*data)
+    assert _fitted_state(clf) == {}
+    with pytest.raises(NotFittedError):
+        clf.predict(data[0])
+
+
+def test_a_failed_refit_keeps_the_fitted_feature_names():
+    pd = pytest.importorskip("pandas")
+    X, y = _data(n_per_class=2, classes=("dax", "blicket"), n_tokens=2)
+    table = pd.DataFrame([t.split() for t in X], columns=["first", "second"])
+    clf = _tiny().fit(table, y)
+    proba = clf.predict_proba(table)
+    with pytest.raises(ValueError, match="needs at least 2"):
+        clf.fit(table.rename(columns={"first": "one", "second": "two"}), np.full_like(y, "dax"))
+    np.testing.assert_array_equal(clf.feature_names_in_, ["first", "second"])
+    np.testing.assert_array_equal(clf.predict_proba(table), proba)
 
 
 # -- prediction -------------------------------------------------------------------------------------------------------
@@ -369,16 +473,36 @@ def test_unpickling_in_a_fresh_process_reloads_the_model(tmp_path):
 
 # -- composition ------------------------------------------------------------------------------------------------------
 def test_grid_search_over_shots_and_scoring():
+    """Each candidate's parameters reach the fitted prompt, and the search's scores and choice are the ones a
+    direct fit of each candidate on each fold gives."""
     X, y = _data(n_per_class=4, classes=("dax", "blicket"))
-    search = GridSearchCV(
-        _tiny(), {"n_examples_per_class": [1, 2], "label_scoring": ["loglik", "mean_loglik", "channel"]}, cv=2,
-        error_score="raise",
-    )
-    search.fit(X, y)
-    assert len(search.cv_results_["params"]) == 6
-    assert search.best_params_["n_examples_per_class"] in (1, 2)
-    assert search.best_estimator_.predict(X).shape == (8,)
-    assert np.isfinite(search.cv_results_["mean_test_score"]).all()
+    grid = {"n_examples_per_class": [1, 2], "label_scoring": ["loglik", "mean_loglik", "channel"]}
+    folds = list(StratifiedKFold(2).split(X, y))
+    fitted = []  # what each fold's fitted estimator holds, recorded by the scorer
+
+    def accuracy_and_record(estimator, X_test, y_test):
+        prompt = estimator.prompt_
+        lines_per_demonstration = 1 if prompt.label_scoring == "channel" else 2
+        fitted.append({"label_scoring": prompt.label_scoring,
+                       "n_examples_per_class": len(estimator.example_indices_) // 2,
+                       "demonstrations": prompt.prefix.count("\n") // lines_per_demonstration})
+        return float(np.mean(estimator.predict(X_test) == y_test))
+
+    search = GridSearchCV(_tiny(), grid, cv=folds, scoring=accuracy_and_record, error_score="raise").fit(X, y)
+    candidates = search.cv_results_["params"]
+    assert len(candidates) == 6 and len(fitted) == 6 * 2  # every fold of every candidate
+    for k, params in enumerate(candidates):  # GridSearchCV fits candidate by candidate, fold by fold
+        for record in fitted[2 * k : 2 * k + 2]:
+            assert record == {**params, "demonstrations": 2 * params["n_examples_per_class"]}
+
+    direct = np.array([[np.mean(_tiny(**params).fit(X[train], y[train]).predict(X[test]) == y[test])
+                        for train, test in folds] for params in candidates])
+    np.testing.assert_array_equal(search.cv_results_["mean_test_score"], direct.mean(axis=1))
+    assert len(set(direct.mean(axis=1))) > 1  # the choice below is not a tie of all six
+    best = candidates[int(np.argmax(direct.mean(axis=1)))]
+    assert search.best_params_ == best
+    assert search.best_estimator_.prompt_.label_scoring == best["label_scoring"]
+    np.testing.assert_array_equal(search.best_estimator_.predict_proba(X), _tiny(**best).fit(X, y).predict_proba(X))
 
 
 def test_pipeline_with_lqae_tokenizer_on_images(tmp_path):

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from lqae_sklearn import LLMFewShotClassifier
-from lqae_sklearn.llm import HuggingFaceBackend, OpenAICompatibleBackend
+from lqae_sklearn.llm import HuggingFaceBackend, LLMServerError, OpenAICompatibleBackend
 
 PYTHON = os.environ.get("LQAE_LLAMA_CPP_PYTHON")
 pytestmark = pytest.mark.skipif(
@@ -101,9 +101,9 @@ def test_classifier_through_llama_cpp_python_agrees_with_the_in_process_model(se
 
 def test_several_prompts_per_request_fail_with_the_servers_error_not_a_wrong_score(server_url):
     backend = OpenAICompatibleBackend(server_url, batch_size=2, max_retries=0)
-    with pytest.raises(Exception, match="HTTP 500") as info:
+    with pytest.raises(LLMServerError, match="HTTP 500") as info:
         backend.score("dax: shoe\n", ["blicket:"], [" bag\n", " wool\n"])
-    assert "cannot score" not in str(info.value)
+    assert info.value.status == 500 and "cannot score" not in str(info.value)
 
 
 if __name__ == "__main__":  # pragma: no cover

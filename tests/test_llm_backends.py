@@ -150,7 +150,14 @@ def test_embedded_gemma_segment_tokenisation_matches_whole_prompt(gemma):
         assert joined == whole.encode("".join(segments), add_special_tokens=False).ids
 
 
-def test_embedded_conversion_cache_is_complete(gemma):
+def test_embedded_conversion_cache_is_complete_and_never_converted_again(gemma, monkeypatch):
+    conversions = []
+
+    def must_not_convert(package, work):
+        conversions.append(work)
+        raise AssertionError("the embedded model was converted again")
+
+    monkeypatch.setattr(_cache, "_convert_gguf", must_not_convert)  # converted by the fixture's load, at the latest
     folder = embedded_model_dir()
     assert folder.name.startswith(EMBEDDED_LLM)
     names = {p.name for p in folder.iterdir()}
@@ -159,7 +166,23 @@ def test_embedded_conversion_cache_is_complete(gemma):
     assert "quantization_config" not in config  # a plain dense checkpoint, reloadable without gguf
     assert config["dtype"] == "bfloat16"
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".converting-")]
-    assert embedded_model_dir() == folder  # no second conversion
+    written = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert embedded_model_dir() == folder
+    assert conversions == [] and {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == written
+
+
+def test_the_conversion_runs_once_per_cache_folder(tmp_path, monkeypatch):
+    conversions = []
+
+    def counted(package, work):
+        conversions.append(work)
+        return _fake_convert(package, work)
+
+    monkeypatch.setattr(_cache, "_convert_gguf", counted)
+    folder = embedded_model_dir(tmp_path)
+    assert embedded_model_dir(tmp_path) == folder and embedded_model_dir(tmp_path) == folder
+    assert len(conversions) == 1
+    assert embedded_model_dir(tmp_path / "elsewhere") != folder and len(conversions) == 2  # another cache root
 
 
 def _fake_convert(package, work):

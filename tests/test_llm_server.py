@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import email.utils
 import pickle
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from lqae_sklearn.llm import (  # noqa: E402
     OpenAICompatibleBackend,
     embedded_model_dir,
 )
+from lqae_sklearn.llm import _openai  # noqa: E402
 
 PREFIX = "Input: shoe ##s black\nOutput: dax\nInput: bag strap\nOutput: blicket\n"
 QUERIES = ["Input: shoe black\nOutput:", "Input: strap ##s bag wool\nOutput:"]
@@ -133,14 +136,92 @@ def test_missing_base_url_is_explained(monkeypatch):
         OpenAICompatibleBackend("ftp://x").load()
 
 
+# -- redirects: the key goes to the configured origin only --------------------------------------------------
+KEY = "sk-for-the-configured-server-only"
+
+
+@pytest.mark.parametrize("elsewhere_host", ["127.0.0.2", "127.0.0.1"])  # another host; the same host, another port
+@pytest.mark.parametrize(("method", "status"), [("GET", 301), ("GET", 302), ("GET", 307), ("GET", 308),
+                                                ("POST", 302), ("POST", 303), ("POST", 307), ("POST", 308)])
+def test_a_redirect_to_another_origin_is_refused_and_nothing_goes_there(monkeypatch, elsewhere_host, method, status):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with FaultServer(host=elsewhere_host, models="m") as elsewhere:
+        with FaultServer(moved=(status, "/v1", elsewhere.url)) as server:
+            backend = _fast(server.url, model=None if method == "GET" else "m")  # GET: the model listing
+            path = "models" if method == "GET" else "completions"
+            with pytest.raises(LLMServerError) as info:
+                backend.score("p", ["q"], [" ab"])
+            asked = list(server.requests)
+        reached = list(elsewhere.requests)
+    assert [r["headers"].get("Authorization") for r in reached if KEY in str(r["headers"])] == []  # the key
+    assert reached == []  # nor anything else
+    assert [(r["method"], r["path"], r["headers"]["Authorization"]) for r in asked] == [
+        (method, f"/v1/{path}", f"Bearer {KEY}")]
+    assert info.value.status == status
+    message = str(info.value)
+    assert f"{method} {server.url}/{path} was redirected (HTTP {status}) to {elsewhere.url}/{path}" in message
+    assert f"{elsewhere.root} is not the configured {server.root}" in message
+    assert "pass it as base_url" in message and KEY not in message
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_within_the_server_is_followed_with_the_key(monkeypatch, status):
+    """GET follows every redirect status; POST follows 307/308 with its body, and refuses 301-303 (they drop it)."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with FaultServer(models="served", moved=(status, "/old/v1", "/v1")) as server:  # a relative Location
+        backend = _fast(server.root + "/old/v1", model=None)
+        if status in (307, 308):
+            scores = backend.score("p", ["q"], [" ab"])
+        else:
+            with pytest.raises(LLMServerError, match=(
+                rf"POST {server.root}/old/v1/completions was redirected \(HTTP {status}\) to "
+                rf"{server.root}/v1/completions; following a {status} would turn the POST into a GET without its "
+                r"request body. Pass the new address as base_url")) as info:
+                backend.score("p", ["q"], [" ab"])
+            assert info.value.status == status
+        asked = list(server.requests)
+    paths = ["/old/v1/models", "/v1/models", "/old/v1/completions"] + (["/v1/completions"] if status >= 307 else [])
+    assert [r["path"] for r in asked] == paths
+    assert all(r["headers"]["Authorization"] == f"Bearer {KEY}" for r in asked)  # the same origin: the key goes
+    if status in (307, 308):
+        assert asked[-1]["method"] == "POST"
+        assert asked[-1]["body"] == asked[-2]["body"] and asked[-1]["body"]["model"] == "served"
+        np.testing.assert_allclose(scores.logprob, [[synthetic_logprob(" ab")]])
+
+
 # -- retries: exactly on 429, 5xx and connection errors -----------------------------------------------------
-@pytest.mark.parametrize("header", ["soon", "Tue, 99 Foo 2026 25:61:00 GMT", "-3", ""])
-def test_malformed_retry_after_falls_back_to_the_backoff(header):
-    with FaultServer([("429", header)]) as server:
-        scores = _fast(server.url).score("p", ["q"], [" ab"])
-        first, second = server.completion_requests()
-    assert second["time"] - first["time"] < 0.9  # the 0.01 s back-off, not a hang or a crash
+@pytest.fixture
+def waits(monkeypatch):
+    """The waits between attempts, recorded instead of slept."""
+    recorded = []
+    monkeypatch.setattr(_openai, "_sleep", recorded.append)
+    return recorded
+
+
+@pytest.mark.parametrize("header", ["soon", "Tue, 99 Foo 2026 25:61:00 GMT", "-3", "1e3", "nan", "+2", ""])
+def test_malformed_retry_after_falls_back_to_the_backoff(header, waits):
+    """Retry-After is digits or an HTTP date (RFC 9110); anything else waits the backoff, 0.5 * 2**attempt here."""
+    with FaultServer([("429", header), ("429", header)]) as server:
+        scores = _fast(server.url, backoff=0.5, max_backoff=30.0).score("p", ["q"], [" ab"])
+        assert len(server.completion_requests()) == 3
+    assert waits == [0.5, 1.0]
     np.testing.assert_allclose(scores.logprob, [[synthetic_logprob(" ab")]])
+
+
+@pytest.mark.parametrize(("header", "expected"), [("0", 0.0), ("7", 7.0), ("2.5", 2.5), (" 12 ", 12.0), ("45", 30.0),
+                                                  ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)])
+def test_valid_retry_after_is_waited_up_to_max_backoff(header, expected, waits):
+    with FaultServer([("429", header)]) as server:
+        _fast(server.url, backoff=0.5, max_backoff=30.0).score("p", ["q"], [" ab"])
+    assert waits == [expected]  # a date in the past: at once
+
+
+def test_retry_after_as_a_future_http_date_waits_until_then(waits):
+    when = email.utils.formatdate(time.time() + 20, usegmt=True)  # whole seconds: 19 to 20 s from now
+    with FaultServer([("429", when)]) as server:
+        _fast(server.url, max_backoff=60.0).score("p", ["q"], [" ab"])
+    (wait,) = waits
+    assert 18.0 < wait <= 20.0
 
 
 def test_429_waits_retry_after_then_succeeds():
@@ -242,5 +323,6 @@ def test_classifier_reports_server_errors():
     with FaultServer(["400"]) as server:
         clf = LLMFewShotClassifier(server.url, llm_options={"model": "m", "max_retries": 0})
         clf.fit(["a b", "c d"], ["x", "y"])
-        with pytest.raises(LLMServerError, match="HTTP 400"):
+        with pytest.raises(LLMServerError, match="HTTP 400") as info:
             clf.predict(["a b"])
+    assert info.value.status == 400

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from lqae_sklearn import LQAE, FrozenLanguageModel, LQAEConfig, load_checkpoint, save_checkpoint
 from lqae_sklearn.cli import info as info_cli
 from lqae_sklearn.model import PRESETS, VQVAE, LearnedQuantizer, build_model, preset_config, read_checkpoint_config
+from lqae_sklearn.model._config import VQVAE_COMMITMENT_WEIGHT
 from lqae_sklearn.training import _trainer, evaluate
 from lqae_sklearn.training import cli as train_cli
 
@@ -53,7 +54,7 @@ def model() -> VQVAE:
 def test_vqvae_preset_is_small_28_with_a_learned_codebook():
     vq, lqae = preset_config("small-28-vqvae"), preset_config("small-28")
     assert {f: getattr(vq, f) for f in ARCHITECTURE} == {f: getattr(lqae, f) for f in ARCHITECTURE}
-    assert (vq.codebook, vq.codebook_size, vq.commitment_weight) == ("learned", 1024, 0.25)
+    assert (vq.codebook, vq.codebook_size, vq.commitment_weight) == ("learned", 1024, VQVAE_COMMITMENT_WEIGHT)
     assert (vq.mask_ratio, vq.mlm_weight, vq.normalize_latents) == (0.0, 0.0, False)
     assert (lqae.codebook, LQAEConfig().codebook) == ("language", "language")
     assert LQAEConfig.from_dict(vq.to_dict()) == vq and "small-28-vqvae" in PRESETS
@@ -113,10 +114,13 @@ def test_nearest_is_the_l2_argmin_not_the_cosine_one():
     assert torch.equal(quantizer.nearest(x), ids)
 
 
-def test_each_loss_term_moves_only_its_side():
-    quantizer = LearnedQuantizer(32, 8)
-    x = torch.randn(2, 5, 8, requires_grad=True)
-    quantized, ids, codebook_loss, commitment = quantizer(x)
+@pytest.mark.parametrize("options", [{}, {"kmeans_init": True, "restart_unused_after": 1}])
+def test_each_loss_term_moves_only_its_side(options):
+    """Also with k-means initialisation and restarts, which act before the search (training mode)."""
+    quantizer = LearnedQuantizer(32, 8, **options)
+    # More latents than codes: k-means over fewer would put every code on a latent, and zero the codebook term.
+    x = torch.randn(8, 10, 8, requires_grad=True)
+    quantized, ids, codebook_loss, commitment = quantizer(x, torch.Generator().manual_seed(0))
     e = quantizer.codebook.detach()[ids]
     torch.testing.assert_close(quantized, e)
     torch.testing.assert_close(codebook_loss, F.mse_loss(x.detach(), e))
@@ -131,6 +135,35 @@ def test_each_loss_term_moves_only_its_side():
     assert grad_codebook is None and torch.equal(grad_x, torch.ones_like(x))
 
 
+def official_vqae_quantizer_loss(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The official vqae.py's training loss of its quantizer, written from its code (lhao499/
+    language-quantized-autoencoders at 79cd033, lqae/models/vqae.py): ``get_train_loss`` is
+    ``0.25 * mean((sg(q) - x)^2) + mean((q - sg(x))^2)`` (lines 157-176, quantizer_loss_commitment=0.25,
+    line 225), and ``__call__`` adds it for ``x`` and again for its latent branch, the identity with
+    quantizer_latent_dim=0 (lines 106, 116-121, 230); lqae_main.py adds the sum to the pixel MSE (line 197)."""
+    def get_train_loss(q, x):
+        return 0.25 * ((q.detach() - x) ** 2).mean() + ((q - x.detach()) ** 2).mean()
+
+    return get_train_loss(q, x) + get_train_loss(q, x)
+
+
+def test_the_vqvae_preset_pulls_the_encoder_as_the_official_vqae_does():
+    """The preset's commitment weight is the official one's effective value: the encoder's gradient
+    from our VQ terms equals the official loss's; the codebook's is half of it, which AdamW's
+    per-parameter scaling all but ignores (one term moves the codebook, whatever its weight)."""
+    weight = preset_config("small-28-vqvae").commitment_weight
+    quantizer = LearnedQuantizer(32, 8)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    _, ids, codebook_loss, commitment = quantizer(x)
+    ours = codebook_loss + weight * commitment  # VQVAE.forward's terms beside the pixel MSE
+    official = official_vqae_quantizer_loss(quantizer.embed(ids), x)
+    ours_x, ours_codebook = torch.autograd.grad(ours, [x, quantizer.codebook])
+    official_x, official_codebook = torch.autograd.grad(official, [x, quantizer.codebook])
+    torch.testing.assert_close(ours_x, official_x)
+    torch.testing.assert_close(2 * ours_codebook, official_codebook)
+    assert weight == VQVAE_COMMITMENT_WEIGHT == 0.5
+
+
 # -- the model ---------------------------------------------------------------------------------------
 def test_encode_gives_code_ids_in_range(model, fmnist_batch):
     ids = model.encode(fmnist_batch)
@@ -142,8 +175,8 @@ def test_encode_gives_code_ids_in_range(model, fmnist_batch):
 
 def test_forward_loss_terms_and_gradients_from_their_definitions(fmnist_batch):
     """Recomputed from the VQ-VAE loss, not from the model's code: recon + sg-codebook term +
-    0.25 x commitment; the codebook's gradient is the codebook term's alone, the encoder's is the
-    reconstruction's (straight through) plus 0.25 x the commitment's."""
+    0.5 x commitment; the codebook's gradient is the codebook term's alone, the encoder's is the
+    reconstruction's (straight through) plus 0.5 x the commitment's."""
     model = tiny_vqvae().train()
     images = fmnist_batch
     out = model(images)
@@ -155,14 +188,15 @@ def test_forward_loss_terms_and_gradients_from_their_definitions(fmnist_batch):
     torch.testing.assert_close(out.reconstruction, model.decoder(e))
     torch.testing.assert_close(out.reconstruction_loss, F.mse_loss(out.reconstruction, images))
     torch.testing.assert_close(out.commitment_loss, F.mse_loss(z, e))
-    torch.testing.assert_close(out.loss, out.reconstruction_loss + 1.25 * out.commitment_loss)
+    assert model.config.commitment_weight == 0.5
+    torch.testing.assert_close(out.loss, out.reconstruction_loss + 1.5 * out.commitment_loss)
 
     encoder = list(model.encoder.parameters())
     got = torch.autograd.grad(out.loss, [model.quantizer.codebook, *encoder])
     codebook_term = F.mse_loss(e, z.detach())
     torch.testing.assert_close(got[0], torch.autograd.grad(codebook_term, model.quantizer.codebook)[0])
     ste = z + (e - z).detach()
-    encoder_terms = F.mse_loss(model.decoder(ste), images) + 0.25 * F.mse_loss(z, e.detach())
+    encoder_terms = F.mse_loss(model.decoder(ste), images) + 0.5 * F.mse_loss(z, e.detach())
     for g_model, g_ref in zip(got[1:], torch.autograd.grad(encoder_terms, encoder, retain_graph=True)):
         torch.testing.assert_close(g_model, g_ref)
     # Without the commitment term the encoder's gradient would differ: the comparison can fail.
@@ -294,7 +328,7 @@ def test_lqae_train_vqvae_preset_runs_and_resumes_exactly(tmp_path, npy_data, no
     assert [r["step"] for r in train_records] == [2, 4]
     for r in train_records:
         assert r["mlm_loss"] == 0 and r["commitment_loss"] > 0
-        assert r["loss"] == pytest.approx(r["reconstruction_loss"] + 1.25 * r["commitment_loss"], rel=1e-5)
+        assert r["loss"] == pytest.approx(r["reconstruction_loss"] + 1.5 * r["commitment_loss"], rel=1e-5)
         assert counted_over_1024_codes(r["codebook_usage"])
     model = load_checkpoint(straight / "checkpoint")
     assert isinstance(model, VQVAE) and model.quantizer.codebook_size == 1024

@@ -19,6 +19,18 @@ from lqae_sklearn.datasets import fetch_fashion_mnist
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+class TrainingDataError(OSError):
+    """Images named by ``source`` that cannot be had: Fashion-MNIST neither on this machine nor downloadable.
+
+    An :class:`OSError`, as :func:`~lqae_sklearn.datasets.fetch_fashion_mnist`'s; its own class
+    lets ``lqae-train`` tell it from any other ``OSError`` and name the option at fault.
+    """
+
+    def __init__(self, source: str, message: str):
+        super().__init__(message)
+        self.source = source
+
+
 class TensorImages(Dataset):
     """Images held in memory as one uint8 tensor (N, C, S, S)."""
 
@@ -91,6 +103,12 @@ def open_training_data(source: str, preprocessing: dict, data_home=None) -> Data
     torch.utils.data.Dataset
         Items are uint8 tensors (C, S, S).
 
+    Raises
+    ------
+    OSError
+        If Fashion-MNIST is neither on this machine nor downloadable (the message
+        says where it looked, what failed and how to provide it).
+
     Examples
     --------
     >>> from lqae_sklearn.model import preprocessing_of, preset_config
@@ -101,7 +119,10 @@ def open_training_data(source: str, preprocessing: dict, data_home=None) -> Data
     """
     if source in ("fashion-mnist", "fashion-mnist:train", "fashion-mnist:test"):
         split = "test" if source.endswith(":test") else "train"
-        images, _ = fetch_fashion_mnist(subset=split, data_home=data_home, return_X_y=True)
+        try:
+            images, _ = fetch_fashion_mnist(subset=split, data_home=data_home, return_X_y=True)
+        except OSError as exc:
+            raise TrainingDataError(source, str(exc)) from exc
         desc = {"source": "fashion-mnist", "split": split, "num_images": len(images)}
         return TensorImages(_to_uint8_nchw(images, preprocessing, source), desc)
     path = Path(source)

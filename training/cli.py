@@ -9,6 +9,7 @@ import click
 
 from lqae_sklearn.model import PRESETS, LQAEConfig, preset_config
 
+from ._data import TrainingDataError
 from ._trainer import ResumeError, TrainConfig, train
 
 
@@ -79,6 +80,9 @@ def main(language_model, image_size, patch_size, settings, compile_, no_progress
         ckpt = train(cfg)
     except ResumeError as exc:
         raise click.UsageError(str(exc)) from None
+    except TrainingDataError as exc:  # Fashion-MNIST is not here and cannot be downloaded
+        option = "--data" if exc.source == cfg.data else "--eval-data" + ("" if cfg.eval_data else f" (default {exc.source})")
+        raise click.BadParameter(str(exc), param_hint=option) from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
         click.echo(f"checkpoint: {ckpt}", err=True)
 

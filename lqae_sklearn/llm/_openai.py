@@ -30,6 +30,17 @@ Only the standard library is used (``urllib``). Errors:
   :class:`LLMServerTimeout` at once: retrying a hung server would multiply the wait.
 * A body that is not JSON, or a completion without prompt log-probs, raises
   :class:`LLMServerError` naming the problem.
+
+Redirects. The API key goes to the configured server only. urllib's own redirect
+handler copies the request's headers, ``Authorization`` included, to wherever a ``Location``
+points, and turns a redirected POST (301, 302, 303) into a GET without its body. So
+redirects are followed only within the configured origin (same scheme, host and
+port): ``GET`` on any redirect status, ``POST`` on 307 and 308, re-sent with its body
+as those statuses require. Anything else raises :class:`LLMServerError` at once,
+before a byte goes to the new location: a redirect to another origin names
+both origins (the key is never sent there, nor anything else; if the new address is
+right, pass it as ``base_url``), and a 301/302/303 answer to a ``POST`` says the
+request would have lost its body.
 """
 
 from __future__ import annotations
@@ -37,9 +48,11 @@ from __future__ import annotations
 import email.utils
 import json
 import os
+import re
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Sequence
 
@@ -48,6 +61,8 @@ import numpy as np
 from ._base import ContinuationScores, LanguageModelBackend, LLMBackendError, check_score_arguments
 
 _RETRIED_STATUS = "429 and 5xx"
+#: How the backend waits between attempts (a module attribute, so that tests can record the waits).
+_sleep = time.sleep
 
 
 class LLMServerError(LLMBackendError):
@@ -121,6 +136,14 @@ class OpenAICompatibleBackend(LanguageModelBackend):
         Longest wait between two attempts.
     batch_size : int, default=16
         Prompts per request.
+
+    Notes
+    -----
+    Redirects are followed within the origin of ``base_url`` only (same scheme,
+    host and port); a redirect anywhere else raises :class:`LLMServerError`
+    naming both origins, and nothing, the API key included, is sent to the new
+    location. A ``POST`` follows 307 and 308 with its body and refuses 301, 302
+    and 303, which would turn it into a ``GET`` without one. See the module notes.
 
     Examples
     --------
@@ -205,19 +228,20 @@ class OpenAICompatibleBackend(LanguageModelBackend):
         if key:
             headers["Authorization"] = f"Bearer {key}"
         data = json.dumps(body).encode() if body is not None else None
+        opener = urllib.request.build_opener(_SameOriginRedirects(url))
         attempts = int(self.max_retries) + 1
         for attempt in range(attempts):
             last = attempt == attempts - 1
             request = urllib.request.Request(url, data=data, headers=headers, method=method)
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with opener.open(request, timeout=self.timeout) as response:
                     raw = response.read()
                     status = response.status
             except urllib.error.HTTPError as error:
                 message = _error_message(error)
                 if error.code == 429 or 500 <= error.code < 600:
                     if not last:
-                        time.sleep(self._wait(attempt, error.headers.get("Retry-After")))
+                        _sleep(self._wait(attempt, error.headers.get("Retry-After")))
                         continue
                     raise LLMServerError(
                         f"{method} {url} failed with HTTP {error.code} ({message}) on all {attempts} attempts",
@@ -237,7 +261,7 @@ class OpenAICompatibleBackend(LanguageModelBackend):
                         f"{method} {url}: no answer within timeout={self.timeout} s"
                     ) from error
                 if not last:
-                    time.sleep(self._wait(attempt, None))
+                    _sleep(self._wait(attempt, None))
                     continue
                 raise LLMServerError(
                     f"{method} {url}: could not connect ({reason}) on all {attempts} attempts"
@@ -257,17 +281,23 @@ class OpenAICompatibleBackend(LanguageModelBackend):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _wait(self, attempt: int, retry_after: str | None) -> float:
-        """Seconds before the next attempt: ``Retry-After`` when valid, else exponential backoff."""
+        """Seconds before the next attempt: ``Retry-After`` when valid, else exponential backoff.
+
+        A valid ``Retry-After`` (RFC 9110, section 10.2.3) is a number of seconds,
+        written in digits (whole in the RFC; a decimal fraction is accepted too, but
+        not "-3", "1e3" or "nan"), or an HTTP date, which waits until then (not at
+        all when it has passed). Either is capped at ``max_backoff``.
+        """
         wait = float(self.backoff) * 2.0**attempt
-        if retry_after:
+        value = (retry_after or "").strip()
+        if re.fullmatch(r"[0-9]+(\.[0-9]+)?", value):
+            wait = float(value)
+        elif value:
             try:
-                wait = float(retry_after)
-            except ValueError:
-                try:
-                    wait = email.utils.parsedate_to_datetime(retry_after).timestamp() - time.time()
-                except (TypeError, ValueError, IndexError, OverflowError):
-                    pass  # malformed: keep the backoff
-        return min(max(wait, 0.0), float(self.max_backoff))
+                wait = max(email.utils.parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+            except (TypeError, ValueError, IndexError, OverflowError):
+                pass  # malformed: keep the backoff
+        return min(wait, float(self.max_backoff))
 
     def served_model(self) -> str | None:
         """The ``model`` field sent with each request (asks the server once when not given).
@@ -332,6 +362,55 @@ class OpenAICompatibleBackend(LanguageModelBackend):
         choices = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
         for choice, prompt, start in zip(choices, prompts, starts):
             yield _label_logprob(choice, prompt, start, where)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """``(scheme, host, port)`` of ``url``, the port made explicit: what decides where a request goes."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(scheme)
+
+
+def _show_origin(origin: tuple[str, str, int | None]) -> str:
+    scheme, host, port = origin
+    return f"{scheme}://{host}:{port}"
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib's redirect handling, kept within the configured server's origin.
+
+    The stock handler re-sends the request's headers (``Authorization`` too) to any
+    ``Location`` and turns a redirected POST into a GET; see the module notes.
+    """
+
+    def __init__(self, configured_url: str):
+        super().__init__()
+        self.origin = _origin(configured_url)
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        method = req.get_method()
+        target = _origin(newurl)
+        if target != self.origin:
+            fp.close()
+            raise LLMServerError(
+                f"{method} {req.full_url} was redirected (HTTP {code}) to {newurl}, on another origin: "
+                f"{_show_origin(target)} is not the configured {_show_origin(self.origin)}. Redirects are "
+                f"followed only within the configured origin, so that the API key never goes elsewhere; "
+                f"if the new address is the right server, pass it as base_url",
+                status=code,
+            )
+        if method == "POST":
+            if code not in (307, 308):
+                fp.close()
+                raise LLMServerError(
+                    f"POST {req.full_url} was redirected (HTTP {code}) to {newurl}; following a {code} would "
+                    f"turn the POST into a GET without its request body. Pass the new address as base_url",
+                    status=code,
+                )
+            # 307 and 308 keep the method and the body (RFC 9110 15.4.8-9); urllib would refuse them.
+            return urllib.request.Request(newurl, data=req.data, headers=dict(req.headers), method="POST",
+                                          origin_req_host=req.origin_req_host, unverifiable=True)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def _label_logprob(choice, prompt: str, start: int, where: str) -> tuple[float, int]:

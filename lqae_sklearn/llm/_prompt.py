@@ -35,19 +35,25 @@ class FewShotPrompt:
         The class labels as the prompt writes them.
     prefix : str
         The instruction line and the demonstrations: shared by every query.
+    max_tokens_per_item : int or None
+        How many whitespace-separated tokens of each input, demonstration or
+        query, the prompt writes (None: all of them).
     """
 
     template: str
     label_scoring: str
     labels: tuple
     prefix: str
+    max_tokens_per_item: int | None = None
 
     @classmethod
-    def build(cls, template, label_scoring, labels, demonstrations, instruction=None) -> "FewShotPrompt":
+    def build(cls, template, label_scoring, labels, demonstrations, instruction=None,
+              max_tokens_per_item=None) -> "FewShotPrompt":
         """Write ``demonstrations`` (``(input text, label index)`` pairs, in order) into ``template``.
 
         ``template=None`` picks the scoring's default. ``instruction`` (with an
-        optional ``{labels}`` field) becomes a first line.
+        optional ``{labels}`` field) becomes a first line. Every input, here and in
+        the queries, is cut to its first ``max_tokens_per_item`` tokens.
         """
         if template is None:
             template = DEFAULT_CHANNEL_PROMPT if label_scoring == "channel" else DEFAULT_PROMPT
@@ -55,6 +61,7 @@ class FewShotPrompt:
         channel = label_scoring == "channel"
         written = []
         for text, k in demonstrations:
+            text = first_tokens(text, max_tokens_per_item)
             first, second = (labels[k], text) if channel else (text, labels[k])
             written.append(head + first + between + second + tail)
         line = ""
@@ -62,7 +69,7 @@ class FewShotPrompt:
             line = instruction.format(labels=", ".join(labels))
             if not line.endswith("\n"):
                 line += "\n"
-        return cls(template, label_scoring, tuple(labels), line + "".join(written))
+        return cls(template, label_scoring, tuple(labels), line + "".join(written), max_tokens_per_item)
 
     def requests(self, texts) -> tuple[list[str], list[str]]:
         """``(queries, continuations)``: the backend scores every continuation after every ``prefix + query``.
@@ -72,6 +79,7 @@ class FewShotPrompt:
         input) and one continuation per text. Spaces right before the scored
         field go with it: " dax" is one word to the LLM.
         """
+        texts = [first_tokens(text, self.max_tokens_per_item) for text in texts]
         head, between, tail = split_template(self.template, _field_order(self.label_scoring))
         stripped = between.rstrip(" ")
         spaces = between[len(stripped):]
@@ -88,6 +96,14 @@ class FewShotPrompt:
         if self.label_scoring == "channel":
             return self.prefix + queries[label_index] + continuations[0]
         return self.prefix + queries[0] + continuations[label_index]
+
+
+def first_tokens(text: str, limit: int | None) -> str:
+    """``text`` cut to its first ``limit`` whitespace-separated tokens (all of it when ``limit`` is None)."""
+    if limit is None:
+        return text
+    tokens = text.split()
+    return text if len(tokens) <= limit else " ".join(tokens[:limit])
 
 
 def _field_order(label_scoring: str) -> tuple[str, str]:
