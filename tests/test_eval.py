@@ -385,6 +385,16 @@ def test_a_class_of_one_image_cannot_be_split(invoke, lqae_checkpoint, folders, 
     assert f"data folder {str(single)!r}: class 'coat' has 1 image" in outcome.output
 
 
+def test_a_split_too_small_for_every_class_says_which_fractions_work(invoke, lqae_checkpoint, folders):
+    # 5 classes x 6 images: test_fraction 0.1 gives 3 test images, fewer than the 5 classes.
+    train, _ = folders
+    outcome = invoke(lqae_checkpoint, "--data", train, "--test-fraction", "0.1", "--no-progress")
+    assert outcome.exit_code == 2
+    assert (f"data {str(train)!r} cannot be split with test_fraction=0.1: its 30 images give 3 test and 27 train "
+            f"images for 5 classes, and each split needs one image of every class; give a test_fraction from 0.17 "
+            f"to 0.83, or test_data") in outcome.output
+
+
 @pytest.mark.slow  # loads the embedded Gemma
 def test_llm_rows(lqae_checkpoint, folders):
     train, test = folders

@@ -10,6 +10,7 @@ kept as uint8 ``(N, C, S, S)``: the checkpoint's model input times 255, exactly.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -159,6 +160,16 @@ def _stratified_split(y, test_fraction: float, seed: int, source: str):
         small = [str(c) for c, n in zip(classes, counts) if n < 2]
         raise InputError(f"data folder {source!r}: class {small[0]!r} has 1 image; each class needs at least 2 to "
                          f"appear in both the train and the test split (or give test_data)")
+    # Each split needs one image of every class; say which fractions allow that (train_test_split's rounding).
+    n_test = math.ceil(test_fraction * len(y))
+    if min(n_test, len(y) - n_test) < len(classes):
+        low, high = len(classes) / len(y), 1 - len(classes) / len(y)
+        allowed = (f"a test_fraction from {low:.2g} to {high:.2g}" if low <= high else
+                   "more images (at least two per class)")
+        raise InputError(f"data {source!r} cannot be split with test_fraction={test_fraction:g}: its "
+                         f"{len(y)} images give {n_test} test and {len(y) - n_test} train images for "
+                         f"{len(classes)} classes, and each split needs one image of every class; give {allowed}, "
+                         f"or test_data")
     try:
         train, test = train_test_split(np.arange(len(y)), test_size=test_fraction, stratify=y, random_state=seed)
     except ValueError as exc:  # too few images for one test image per class
