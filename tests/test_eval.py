@@ -395,6 +395,29 @@ def test_a_split_too_small_for_every_class_says_which_fractions_work(invoke, lqa
             f"to 0.83, or test_data") in outcome.output
 
 
+def test_benchmark_regenerates_the_model_cards_tables_and_nothing_else(lqae_checkpoint, folders, tmp_path):
+    train, test = folders
+    card = tmp_path / "card.md"
+    before, after = "# Card\n\nProse before.\n", "\nProse after.\n"
+    card.write_text(f"{before}<!-- lqae-eval: begin -->\nold tables\n<!-- lqae-eval: end -->\n{after}")
+    script = Path(__file__).parents[1] / "benchmarks" / "evaluate_checkpoint.py"
+    arguments = [sys.executable, str(script), str(lqae_checkpoint), "--data", str(train), "--test-data", str(test),
+                 "-k", str(K_SMALL), "--way", "2", "--episodes", "5", "--llm-episodes", "0", "--device", "cpu",
+                 "--no-progress", "--out", str(tmp_path / "eval"), "--model-card", str(card)]
+    done = subprocess.run(arguments, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    tables = (tmp_path / "eval.md").read_text()
+    regenerated = f"<!-- lqae-eval: begin -->\n\n{tables.strip()}\n\n<!-- lqae-eval: end -->\n"
+    assert card.read_text() == before + regenerated + after
+    # A card without the two lines is refused before the run: nothing is written.
+    card.write_text("no markers\n")
+    arguments[arguments.index("--out") + 1] = str(tmp_path / "again")
+    done = subprocess.run(arguments, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert f"--model-card {str(card)!r} must hold one line '<!-- lqae-eval: begin -->'" in done.stderr
+    assert card.read_text() == "no markers\n" and not (tmp_path / "again.json").exists()
+
+
 @pytest.mark.slow  # loads the embedded Gemma
 def test_llm_rows(lqae_checkpoint, folders):
     train, test = folders
