@@ -165,8 +165,8 @@ def evaluate_checkpoint(checkpoint, *, data=FASHION_MNIST, test_data=None, test_
     --------
     >>> from lqae_sklearn.evaluation import evaluate_checkpoint, evaluation_markdown
     >>> result = evaluate_checkpoint("fashion-mnist-small-28", quick=True)  # doctest: +SKIP
-    >>> result["reconstruction"]["kmeans_4096"]["psnr_mean_per_image_db"]  # doctest: +SKIP
-    23.2
+    >>> round(result["reconstruction"]["kmeans_4096"]["psnr_mean_per_image_db"], 1)  # doctest: +SKIP
+    23.0
     >>> print(evaluation_markdown(result))  # doctest: +SKIP
     """
     started = time.perf_counter()

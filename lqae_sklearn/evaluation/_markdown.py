@@ -31,7 +31,7 @@ def evaluation_markdown(result: dict) -> str:
     >>> from lqae_sklearn.evaluation import evaluate_checkpoint, evaluation_markdown
     >>> result = evaluate_checkpoint("fashion-mnist-small-28", quick=True)  # doctest: +SKIP
     >>> evaluation_markdown(result).splitlines()[0]  # doctest: +SKIP
-    'Checkpoint `.../fashion-mnist-small-28` (LQAE, 1100 training steps), ...'
+    'Checkpoint `fashion-mnist-small-28` (LQAE, 1,100 training steps): 7 x 7 = 49 tokens per image ...'
     """
     c, d, s, settings = result["checkpoint"], result["data"], result["sizes"], result["settings"]
     if d["source"] == FASHION_MNIST:
