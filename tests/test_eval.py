@@ -252,6 +252,15 @@ def test_result_says_what_was_run(result, folders):
     assert row in markdown
 
 
+def test_markdown_calls_a_run_full_only_when_it_read_every_image(result):
+    assert "Full run" in evaluation_markdown(result)  # every image of both folders
+    for split in ("train", "test"):
+        fewer = json.loads(json.dumps(result))
+        fewer["data"][f"{split}_available"] += 1  # one image of the split left out
+        markdown = evaluation_markdown(fewer)
+        assert "**Subsampled run**" in markdown and "Full run" not in markdown, split
+
+
 # -- reproducibility -----------------------------------------------------------------------------------------
 def test_same_seed_same_figures_other_seed_other_split(lqae_checkpoint, folders, tmp_path):
     # One folder, split by the seed: train and test come out of the same 45 images.

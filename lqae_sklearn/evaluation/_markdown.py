@@ -43,7 +43,8 @@ def evaluation_markdown(result: dict) -> str:
     steps = "" if c["training_steps"] is None else f", {c['training_steps']:,} training steps"
     patches = (f"all {s['kmeans_patches']:,} train patches" if s["kmeans_patches"] == s["kmeans_patches_available"]
                else f"{s['kmeans_patches']:,} random train patches (of {s['kmeans_patches_available']:,})")
-    run = "**Quick run** (subsampled)" if result["quick"] else "Full run"
+    subsampled = s["train_images"] < d["train_available"] or s["test_images"] < d["test_available"]
+    run = "**Quick run** (subsampled)" if result["quick"] else "**Subsampled run**" if subsampled else "Full run"
     lines = [
         f"Checkpoint `{c['given']}` ({c['model']}{steps}): {c['grid']} x {c['grid']} = {c['tokens_per_image']} "
         f"tokens per image of {c['image_size']} px, patch {c['patch_size']}, codebook {c['codebook_size']:,}.",
