@@ -1,1 +1,1 @@
-"""Command-line tools: lqae-encode, lqae-fewshot, lqae-info."""
+"""Command-line tools: lqae-encode, lqae-eval, lqae-fewshot, lqae-info."""
