@@ -45,6 +45,7 @@
 #
 # CPU smoke test of every stage (the eval stage needs lqae-eval, issue 21 part 1):
 #   DEVICE=cpu STEPS=2 BATCH=8 EVAL_IMAGES=16 SAVE_EVERY=1 USE_CARRIED=1 \
+#   EVAL_ARGS="--train-images 64 --test-images 32 --kmeans-patches 2000 -k 16 --episodes 5" \
 #     bash benchmarks/gpu_train_default.sh /tmp/smoke pack data vqvae lqae lqae-usage eval collect
 set -euo pipefail
 
