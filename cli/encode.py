@@ -11,9 +11,8 @@ import sys
 
 import click
 
-from lqae_sklearn.encoding._run import (
-    ENGINES, EXIT_INTERRUPTED, FORMATS, OUTPUT_CHOICES, EncodeError, EncodeOptions, EncodeRun,
-)
+from lqae_sklearn.encoding import EncodeError
+from lqae_sklearn.encoding._run import ENGINES, EXIT_INTERRUPTED, FORMATS, OUTPUT_CHOICES, EncodeOptions, EncodeRun
 
 EPILOG = """\b
 Records (one JSON object per line of OUT.jsonl):
@@ -22,6 +21,15 @@ Records (one JSON object per line of OUT.jsonl):
   "label" only with --labels-from-dirs, "embeddings" only with
   --output ids,text,embeddings. A file name that is not valid UTF-8 gets
   U+FFFD in "path" and its exact bytes in "path_bytes_b64".
+
+\b
+Tokens per image (--token-grid): one grid for every field of a record, so
+"ids" and "text" are the same tokens. auto (the default) follows
+LQAETokenizer's rule: with text in the record, the grid the checkpoint
+recommends for text (3 x 3 = 9 tokens for the packaged one), exactly what
+LQAETokenizer(output="text") writes; without text (-o ids, -o embeddings),
+one token per patch (7 x 7 = 49), as LQAETokenizer(output="ids") does.
+--token-grid 7 gives the packaged checkpoint's 49 tokens with text too.
 
 \b
 Errors: a file that cannot be decoded (not an image, truncated, unreadable,
@@ -45,15 +53,18 @@ Parquet (--format parquet, or OUT a folder such as out/ or x.parquet): OUT/
 holds part-RRRRR-SSSSSS.parquet files with the same columns (ids and
 embeddings as fixed-size int32/float32 lists, path_bytes_b64 null for UTF-8
 names), _meta.json, _errors.jsonl and _manifest.json. Each part is written
-whole under a hidden name, then renamed, so readers (pandas.read_parquet(
+whole into the run's staging folder OUT/_runs/RRRRR/, then committed by
+this process alone (a rename into OUT/), so readers (pandas.read_parquet(
 "OUT/"), pyarrow, or any reader of OUT/part-*.parquet) see complete parts
 only, and a resumed run redoes at most the parts not yet committed.
+A second lqae-encode run on the same OUT is refused while one is running.
 
 \b
 Ray (--engine ray [--ray-address ADDR]): CPU tasks decode parts of
 --part-size images, an actor pool (one GPU per actor where there are GPUs)
-encodes them and commits each part itself. A worker that dies is retried by
-Ray and rewrites the same part; a killed driver is resumed by rerunning.
+encodes them and stages each part; the driver commits it. A worker that
+dies is retried by Ray and stages the same part again; a killed driver is
+resumed by rerunning, and its workers' late parts are never committed.
 
 \b
 Sharding: --shard I/N keeps the files whose path (relative to the folder
@@ -78,6 +89,23 @@ Examples:
   lqae-encode photos/ photos.parquet/
   lqae-encode --engine ray --ray-address auto corpus/ tokens/
 """
+
+
+class TokenGrid(click.ParamType):
+    """``auto`` or a whole number of at least 1."""
+
+    name = "auto|G"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int):
+            return value
+        try:
+            grid = int(value)
+        except ValueError:
+            self.fail(f"expected auto or a whole number such as 3, got {value!r}", param, ctx)
+        if grid < 1:
+            self.fail(f"expected auto or a whole number of at least 1, got {value!r}", param, ctx)
+        return grid
 
 
 def _default_workers() -> int:
@@ -116,8 +144,10 @@ def _parse_shard(ctx, param, value):
 @click.option("--layers", default=None, metavar="LIST",
               help="Layers whose features make the embeddings: names such as encoder.4, lm.0 ... lm.6, or one of "
                    "all, encoder, lm, last, default [default: default].")
-@click.option("--token-grid", type=click.IntRange(min=1), default=None, metavar="G",
-              help="G x G coarser tokens per image, e.g. 3 for short LLM prompts [default: one per patch].")
+@click.option("--token-grid", type=TokenGrid(), default="auto", show_default=True, metavar="auto|G",
+              help="G x G tokens per image for every field; auto: the checkpoint's grid for text (3 for the "
+                   "packaged one) when the records hold text, as LQAETokenizer(output=\"text\") writes, else "
+                   "one token per patch (7 for the packaged one); see Tokens per image below.")
 @click.option("--labels-from-dirs", is_flag=True, help="Add \"label\": the name of the folder holding each image.")
 @click.option("-b", "--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images per model call (and per write to OUT).")

@@ -8,7 +8,7 @@ LLM backends in :mod:`lqae_sklearn.llm`, the few-shot protocol in
 """
 
 from ._fewshot import LLMFewShotClassifier
-from ._images import ImageLoadError
+from ._images import DomainWarning, ImageLoadError
 from ._loading import DeviceWarning, clear_model_cache
 from ._tokenizer import LQAETokenizer
 from .model import (
@@ -33,6 +33,7 @@ __all__ = [
     "PRESETS",
     "CheckpointError",
     "DeviceWarning",
+    "DomainWarning",
     "FrozenLanguageModel",
     "ImageLoadError",
     "LQAE",

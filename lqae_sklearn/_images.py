@@ -2,7 +2,9 @@
 
 :func:`image_source` wraps whatever a user passes as ``X`` (an array of images,
 flat rows, a list of paths / PIL images / arrays, a pandas column) as a sized
-source of preprocessed batches; :func:`to_model_input` converts one image.
+source of preprocessed batches; :func:`to_model_input` converts one image;
+:func:`domain_gap` says when the images are far from what a checkpoint was
+trained on (:class:`DomainWarning`).
 
 Every failure names the offending item, so one bad file can be reported and
 skipped without losing the good ones. Unusual but readable images are
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 
 import numpy as np
 import torch
@@ -203,6 +206,129 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array)
 
 
+# -- how far the images are from the checkpoint's training data ------------------------------
+#: An image side more than this many times the checkpoint's image size (or less than its fraction) is "far".
+SIZE_FACTOR = 4
+
+
+class DomainWarning(UserWarning):
+    """Images far from what the checkpoint was trained on: their tokens describe a converted version.
+
+    Issued once per :meth:`~lqae_sklearn.LQAETokenizer.transform` (or ``encode``) call when
+    some of the images are much larger or smaller than the checkpoint's image
+    size (more than 4 times, or less than a quarter, on a side), or are colour
+    images for a grayscale checkpoint (or the reverse). Each image is still
+    converted to the checkpoint's size and colour mode and tokenized, but its
+    tokens then describe that small version: for the shipped checkpoint, a
+    28 x 28 grayscale Fashion-MNIST-like image. The message names the
+    checkpoint's training data and the ``lqae-train`` command that trains a
+    checkpoint for such images.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> from lqae_sklearn import DomainWarning
+    >>> warnings.simplefilter("error", DomainWarning)  # refuse images the checkpoint was not made for
+    """
+
+
+def image_summary(image) -> tuple[int, int, str]:
+    """``(height, width, mode)`` of a PIL image or an array (H, W[, C]), as :func:`domain_gap` reads it.
+
+    ``mode`` is ``"RGB"`` only when the image holds colour: an RGB image whose
+    channels are all equal (a grayscale photo saved as RGB) counts as ``"L"``.
+    """
+    if isinstance(image, Image.Image):
+        image = normalize_mode(image)
+        if image.mode == "L":
+            return image.height, image.width, "L"
+        image = np.asarray(image)
+    array = np.asarray(image)
+    height, width = array.shape[:2]
+    colour = array.ndim == 3 and array.shape[-1] >= 3 and bool(_colour_per_image(array[None])[0])
+    return height, width, "RGB" if colour else "L"
+
+
+def _colour_per_image(images: np.ndarray) -> np.ndarray:
+    """For images (N, H, W, C>=3): whether each holds colour (its first three channels differ somewhere)."""
+    red, green, blue = images[..., 0], images[..., 1], images[..., 2]
+    return ((red != green) | (green != blue)).any(axis=(1, 2))
+
+
+def domain_gap(originals, preprocessing: dict, training_data: dict | None) -> str | None:
+    """Why images are far from what a checkpoint was trained on, or None when they are not.
+
+    Parameters
+    ----------
+    originals : iterable of (int, int, str)
+        ``(height, width, mode)`` of each image as given, before conversion
+        (:func:`image_summary`); mode ``"L"`` (grayscale) or ``"RGB"`` (colour).
+    preprocessing : dict
+        The checkpoint's ``preprocessing`` (``image_size``, ``color_mode``).
+    training_data : dict or None
+        The checkpoint's ``config["training"]["data"]`` (``source``, ``split``
+        or ``path``, ``num_images``); None when the checkpoint records none.
+
+    Returns
+    -------
+    str or None
+        One message for all the images: how many are far and how, the
+        checkpoint's training data, and how to train a checkpoint for such
+        images; None when every image is close.
+    """
+    size, colour_model = preprocessing["image_size"], preprocessing["color_mode"] == "RGB"
+    counts = Counter(originals)
+    total = sum(counts.values())
+    larger = smaller = other_colour = 0
+    example = None
+    for (height, width, mode), n in counts.items():
+        far_larger = max(height, width) > SIZE_FACTOR * size
+        far_smaller = min(height, width) * SIZE_FACTOR < size
+        wrong_colour = (mode == "RGB") != colour_model
+        larger += n * far_larger
+        smaller += n * far_smaller
+        other_colour += n * wrong_colour
+        if example is None and (far_larger or far_smaller or wrong_colour):
+            example = f"{height} x {width} {_kind(mode == 'RGB')}"
+    if example is None:
+        return None
+    found = []
+    if larger:
+        found.append(f"{larger} of {total} images are much larger than {size} x {size}")
+    if smaller:
+        found.append(f"{smaller} of {total} images are much smaller than {size} x {size}")
+    if other_colour:
+        found.append(f"{other_colour} of {total} images are {_kind(not colour_model)}")
+    model_kind = f"{size} x {size} {_kind(colour_model)}"
+    preset = "small-rgb" if any(mode == "RGB" for _, _, mode in counts) else "small-28"  # the inputs' colour
+    return (
+        f"{'; '.join(found)} (e.g. {example}), but this checkpoint was trained on {describe_training_data(training_data)}, "
+        f"{model_kind}: each image is converted to {model_kind} before it is tokenized, so its tokens describe "
+        f"that version. To tokenize images like these, train a checkpoint on them: lqae-train --data FOLDER "
+        f"--preset {preset} --image-size SIZE --out RUN (SIZE a multiple of the preset's patch size), then use "
+        f"RUN/checkpoint (LQAETokenizer(checkpoint=...), lqae-encode --checkpoint ...)."
+    )
+
+
+def _kind(colour: bool) -> str:
+    return "colour" if colour else "grayscale"
+
+
+def describe_training_data(training_data: dict | None) -> str:
+    """A checkpoint's ``config["training"]["data"]`` in words, e.g. ``"fashion-mnist train, 60,000 images"``."""
+    if not training_data:
+        return "data its config does not record"
+    source = training_data.get("source")
+    if source == "fashion-mnist":
+        what = f"fashion-mnist {training_data.get('split', '')}".rstrip()
+    elif source == "folder":
+        what = f"the images under {training_data.get('path')}"
+    else:
+        what = str(training_data.get("path") or source or "unrecorded data")
+    count = training_data.get("num_images")
+    return f"{what}, {count:,} images" if isinstance(count, int) else what
+
+
 # -- batches of images ------------------------------------------------------------------
 def flat_width(preprocessing: dict) -> int:
     """Pixels in one image of this preprocessing, flattened row-major: H x W x C."""
@@ -211,10 +337,63 @@ def flat_width(preprocessing: dict) -> int:
 
 
 def is_flat_rows(X) -> bool:
-    """Whether ``X`` is a 2-D table of pixel values (an array or a DataFrame of several columns)."""
+    """Whether ``X`` is a 2-D table of pixel values (an array or a DataFrame of several columns).
+
+    Array-likes of rows (lists of lists, object arrays, ``__array__`` objects) count
+    once :func:`as_array_input` has made them arrays.
+    """
     if hasattr(X, "columns"):
         return X.shape[1] > 1
     return isinstance(X, (np.ndarray, torch.Tensor)) and X.ndim == 2 and X.dtype != object
+
+
+def as_array_input(X):
+    """``X`` with array-likes of numbers made numeric ndarrays; any other ``X`` unchanged.
+
+    What scikit-learn's ``check_array`` takes as a table: a list (or tuple) of rows
+    that are themselves lists or tuples, an object ndarray of two or more
+    dimensions holding numbers, or any other object with ``__array__``. Integers
+    stay integers (0-255 pixels), floats stay floats ([0, 1]), so each gives
+    the same images as the equivalent ndarray. Lists of paths, PIL images or
+    arrays, 1-D object arrays of them, pandas objects and tensors are left as
+    they are.
+
+    Raises
+    ------
+    ValueError
+        If the rows have different lengths.
+    TypeError
+        If an entry is not a number, naming its position.
+    """
+    if isinstance(X, (np.ndarray, torch.Tensor, str, bytes, os.PathLike, Image.Image)) or hasattr(X, "iloc"):
+        if isinstance(X, np.ndarray) and X.dtype == object and X.ndim >= 2:
+            return _numeric_array(X.tolist(), X.shape)
+        return X
+    if isinstance(X, (list, tuple)):
+        if X and all(isinstance(item, (list, tuple)) for item in X):
+            return _numeric_array(X, (len(X),))
+        return X
+    if hasattr(X, "__array__"):
+        array = np.asarray(X)
+        return _numeric_array(array.tolist(), array.shape) if array.dtype == object else array
+    return X
+
+
+def _numeric_array(nested, shape: tuple) -> np.ndarray:
+    """Nested Python lists of numbers -> an int, float or bool ndarray (numpy infers which, as from literals)."""
+    try:
+        array = np.array(nested)
+    except ValueError as exc:  # ragged rows
+        raise ValueError(f"X has rows of different lengths (shape starts {shape}): {exc}") from exc
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        flat = np.array(nested, dtype=object) if array.dtype != object else array
+        for index in np.ndindex(flat.shape):
+            value = flat[index]
+            if not isinstance(value, (int, float, np.number, np.bool_)):
+                raise TypeError(f"X{list(index)} is {value!r:.60} ({type(value).__name__}): pixel rows must "
+                                f"hold numbers")
+        raise TypeError(f"X holds values of dtype {array.dtype}: pixel rows must hold numbers")
+    return array
 
 
 def image_source(X, preprocessing: dict):
@@ -228,6 +407,7 @@ def image_source(X, preprocessing: dict):
         raise TypeError(f"X must be a collection of images; got a single path {X!r} (wrap it in a list)")
     if isinstance(X, Image.Image):
         raise TypeError("X must be a collection of images; got a single PIL image (wrap it in a list)")
+    X = as_array_input(X)
     if hasattr(X, "columns") and hasattr(X, "iloc"):  # pandas DataFrame: pixel columns, or one column of items
         X = X.to_numpy() if X.shape[1] > 1 else X.iloc[:, 0]
     if hasattr(X, "iloc"):  # pandas Series
@@ -302,6 +482,13 @@ class _ArraySource:
         channels = 1 if array.ndim == 3 else array.shape[-1]
         self.direct = array.shape[1:3] == (size, size) and (channels == 1 if mode == "L" else channels == 3)
 
+    def originals(self) -> list:
+        """``(height, width, mode)`` of every image, for :func:`domain_gap`."""
+        height, width = self.array.shape[1:3]
+        if self.array.ndim == 3 or self.array.shape[-1] == 1:
+            return [(height, width, "L")] * len(self.array)
+        return [(height, width, "RGB" if colour else "L") for colour in _colour_per_image(self.array)]
+
     def _check_range(self) -> None:
         try:
             _check_pixel_range(self.array, "X")
@@ -317,7 +504,10 @@ class _ArraySource:
         part = self.array[start:stop]
         if self.direct:
             pixels = to_uint8(part).astype(np.float32) / 255.0
-            return np.ascontiguousarray(pixels[:, None] if pixels.ndim == 3 else pixels.transpose(0, 3, 1, 2))
+            pixels = pixels[..., None] if pixels.ndim == 3 else pixels
+            # A fresh C-order copy: with one channel, numpy calls the strided views "contiguous", and torch may
+            # then pick a channels-last kernel, whose results differ from the other input forms' by rounding.
+            return np.array(pixels.transpose(0, 3, 1, 2), order="C")
         out = []
         for i, image in enumerate(part, start):
             try:
@@ -333,9 +523,14 @@ class _ItemSource:
     def __init__(self, items: list, preprocessing: dict):
         self.items = items
         self.preprocessing = preprocessing
+        self._originals: dict[int, tuple] = {}
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def originals(self) -> list:
+        """``(height, width, mode)`` of every image read so far, for :func:`domain_gap`."""
+        return list(self._originals.values())
 
     def batch(self, start: int, stop: int) -> np.ndarray:
         return np.stack([self._one(i) for i in range(start, min(stop, len(self.items)))])
@@ -361,6 +556,8 @@ class _ItemSource:
                 f"image or an array"
             )
         try:
-            return to_model_input(item, self.preprocessing)
+            model_input = to_model_input(item, self.preprocessing)
         except (ValueError, OSError) as exc:
             raise ImageLoadError(name, str(exc)) from exc
+        self._originals[i] = image_summary(item)
+        return model_input

@@ -1,23 +1,22 @@
 """From names to loaded models: devices, checkpoints, and the per-process model caches.
 
 The estimators, the LLM backends and the trainer all resolve devices here, and
-every model held in memory lives in a :class:`ModelCache`: least recently used
-first out, a fixed number of entries, thread-safe. Refits and clones (a grid
-search) therefore reuse weights already loaded instead of reading them again.
+every model held in memory lives in a :class:`~lqae_sklearn._model_cache.ModelCache`:
+least recently used first out, a fixed number of entries, thread-safe. Refits and
+clones (a grid search) therefore reuse weights already loaded instead of reading
+them again.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import warnings
-from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Hashable
 
 import torch
 
-from .model import DEFAULT_CHECKPOINT, FrozenLanguageModel, load_checkpoint
+from ._model_cache import ModelCache, clear_all
+from .model import DEFAULT_CHECKPOINT, CheckpointError, FrozenLanguageModel, load_checkpoint
 
 
 # -- devices ---------------------------------------------------------------------------------------
@@ -112,40 +111,6 @@ def resolve_checkpoint(checkpoint) -> Path:
 
 
 # -- caches ----------------------------------------------------------------------------------------
-class ModelCache:
-    """Loaded models by key: at most ``max_items``, the least recently used dropped first.
-
-    A dropped model stays alive as long as something still holds it; the cache
-    only stops handing it out.
-    """
-
-    def __init__(self, max_items: int):
-        self.max_items = max_items
-        self._items: OrderedDict = OrderedDict()
-        self._lock = threading.RLock()
-
-    def get(self, key: Hashable, load: Callable[[], object]):
-        """The model under ``key``, calling ``load()`` (under the lock, once) when it is missing."""
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-            value = self._items[key] = load()
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
-            return value
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __contains__(self, key) -> bool:
-        return key in self._items
-
-
 #: Autoencoders by (path, weights checksum, device, LM override); frozen LMs by (name, device): one LM per
 #: device, because moving a model moves its LM in place.
 LQAE_MODELS = ModelCache(max_items=4)
@@ -155,20 +120,40 @@ LANGUAGE_MODELS = ModelCache(max_items=4)
 def cached_lqae(path: Path, config: dict, device: torch.device, language_model=None):
     """The LQAE at ``path`` on ``device``, loaded once per (path, weights checksum, device, LM).
 
-    The checksum is the one the checkpoint's config records for its weights (and
-    load_checkpoint verifies), so a checkpoint rewritten in place is loaded afresh
-    even when its files keep their sizes and times. ``config`` is the checkpoint's, as the caller read it.
+    ``config`` is the checkpoint's config as the caller read it; its weights checksum
+    picks the cache entry. A model is filed under the checksum of the weights it was
+    actually built from (``load_checkpoint`` verifies them against the config it reads
+    itself), so a checkpoint replaced between the caller's read and the load (a
+    training run saving to the same folder) can never be cached, or handed out, under
+    the old checksum.
+
+    Raises
+    ------
+    CheckpointError
+        If the checkpoint was replaced between the caller's read of ``config`` and
+        the load: the model loaded is not the one ``config`` describes.
     """
-    key = (str(Path(path).resolve()), config["weights_sha256"], str(device), language_model)
-    if config.get("language_model") is None:  # a VQ-VAE: no LM to load or share
-        return LQAE_MODELS.get(key, lambda: load_checkpoint(path, device=device))
-    lm_name = str(language_model or config["model"]["language_model"])
+    path = str(Path(path).resolve())
+    wanted = config["weights_sha256"]
+
+    def key(checksum: str) -> tuple:
+        return (path, checksum, str(device), language_model)
 
     def load():
+        if config.get("language_model") is None:  # a VQ-VAE: no LM to load or share
+            return load_checkpoint(path, device=device)
+        lm_name = str(language_model or config["model"]["language_model"])
         lm = LANGUAGE_MODELS.get((lm_name, str(device)), lambda: FrozenLanguageModel.from_pretrained(lm_name))
         return load_checkpoint(path, language_model=lm, device=device)
 
-    return LQAE_MODELS.get(key, load)
+    model = LQAE_MODELS.get(key(wanted), load, key_of=lambda m: key(m.checkpoint_config["weights_sha256"]))
+    loaded = model.checkpoint_config["weights_sha256"]
+    if loaded != wanted:
+        raise CheckpointError(
+            f"checkpoint {path!r} was replaced while it was being loaded (its config named weights "
+            f"{wanted[:12]}..., the folder now holds {loaded[:12]}...); load it again to use the new one"
+        )
+    return model
 
 
 def clear_model_cache() -> None:
@@ -184,7 +169,4 @@ def clear_model_cache() -> None:
     >>> from lqae_sklearn import clear_model_cache
     >>> clear_model_cache()
     """
-    from .llm._cache import LOADED_MODELS
-
-    for cache in (LQAE_MODELS, LANGUAGE_MODELS, LOADED_MODELS):
-        cache.clear()
+    clear_all()  # every registered ModelCache, the LLMs' included once lqae_sklearn.llm is imported

@@ -12,17 +12,18 @@ from __future__ import annotations
 import copy
 import os
 import threading
+import warnings
 from numbers import Integral
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 import torch
-from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context, clone
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_feature_names_in, check_is_fitted, validate_data
 
-from ._images import flat_width, image_source, is_flat_rows
+from ._images import DomainWarning, as_array_input, domain_gap, flat_width, image_source, is_flat_rows
 from ._loading import cached_lqae, device_here, resolve_checkpoint, resolve_device
 from ._token_text import TokenVocabulary, looks_like_texts
 from .model import CheckpointError, read_checkpoint_config
@@ -31,6 +32,8 @@ OUTPUTS = ("ids", "text", "embeddings")
 LAYER_SHORTCUTS = ("default", "all", "encoder", "lm", "last")
 _FEATURE_PREFIX = "lqaetokenizer"
 _RELOAD_LOCK = threading.Lock()
+#: Private fitted state (besides the public attributes ending in "_"): a refit replaces it whole.
+_PRIVATE_STATE = ("_model", "_vocabulary", "_weights_sha256", "_fitted_with")
 
 
 class LQAETokenizer(TransformerMixin, BaseEstimator):
@@ -141,15 +144,32 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
     ``batch_size`` and ``progress`` only decide how the work is split and shown;
     they change no result and are read at every call.
 
+    **A failed fit.** A ``fit`` that raises leaves the estimator as it was: a
+    fitted estimator keeps its previous fitted state, whole and usable
+    (transform/predict give what they gave before); an unfitted one stays
+    unfitted. ``fit`` validates and computes everything first and assigns the
+    fitted attributes only at the end, whether it fails on a parameter, the
+    checkpoint, ``X``, the device or the loading of the model.
+
+    **State.** :meth:`transform`, :meth:`encode` and the other methods change
+    nothing in the estimator, apart from two private caches filled on first
+    use: the model reloaded after unpickling and the vocabulary that writes
+    ids as text.
+
     **Inputs.** ``X`` may be an array of images (N, H, W) or (N, H, W, C) with C
     in 1, 3, 4, uint8 in [0, 255] or float in [0, 1]; flat rows (N, H x W x C)
     of the checkpoint's own size, row-major (Fashion-MNIST from
     ``fetch_openml`` is such rows of 0-255 values: pass them as uint8, or
-    divide by 255), also as a DataFrame of pixel columns; a
-    list of file paths, PIL images or arrays (sizes may differ); or a pandas
-    Series (or one-column DataFrame) of such items. Images are converted to the
-    checkpoint's colour mode and resized (bilinear) to its image size. A bad
-    item raises :class:`~lqae_sklearn.ImageLoadError` naming its index (and path).
+    divide by 255), also as a DataFrame of pixel columns or any array-like that
+    scikit-learn's ``check_array`` takes (a list of lists, an object array of
+    numbers, an object with ``__array__``); a list of file paths, PIL images or
+    arrays (sizes may differ); or a pandas Series (or one-column DataFrame) of
+    such items. Images are converted to the checkpoint's colour mode and resized
+    (bilinear) to its image size; when some are far from what the checkpoint
+    was trained on (much larger or smaller, or colour for a grayscale
+    checkpoint), each call says so once with a
+    :class:`~lqae_sklearn.DomainWarning`. A bad item raises
+    :class:`~lqae_sklearn.ImageLoadError` naming its index (and path).
     ``fit`` learns nothing from ``X`` (the checkpoint is already trained); it
     checks flat rows and records their width and column names.
 
@@ -227,16 +247,12 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
         self : LQAETokenizer
             The fitted tokenizer.
         """
-        for name in [n for n in vars(self) if n.endswith("_") and not n.startswith("__")]:
-            delattr(self, name)  # refit forgets the previous checkpoint
-        for name in ("_model", "_vocabulary", "_weights_sha256", "_fitted_with"):
-            self.__dict__.pop(name, None)
-
+        # Everything is computed into locals; the estimator changes only at the end (see Notes).
+        X = None if X is None else as_array_input(X)
         path = resolve_checkpoint(self.checkpoint)
         config = read_checkpoint_config(path)
         model_config = config["model"]
-        grid = model_config["image_size"] // model_config["patch_size"]
-        token_grid = self._resolve_token_grid(config, grid)
+        token_grid = self._resolve_token_grid(config, model_config["image_size"] // model_config["patch_size"])
         if config.get("language_model") is None:  # a VQ-VAE: its codes are nobody's words
             if self.output == "text":
                 raise ValueError(f"output='text' needs a checkpoint whose codebook is a language model's vocabulary; "
@@ -244,25 +260,37 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
             if self.language_model is not None:
                 raise ValueError(f"language_model={self.language_model!r} was given, but {str(path)!r} is a VQ-VAE "
                                  f"checkpoint with no language model")
-        if X is not None:
-            self._check_fit_input(X, config)
+        input_facts = {} if X is None else self._flat_row_facts(X, config)
         device = resolve_device(self.device)
         model = cached_lqae(path, config, device, self.language_model)
-
-        self.checkpoint_ = str(path)
-        self.checkpoint_config_ = copy.deepcopy(model.checkpoint_config)  # the cached model's is shared
-        self.device_ = str(device)
-        self.output_ = self.output
-        self.layers_ = resolve_layers(self.layers, model.feature_layer_names(), model.config.encoder_depth)
-        self.token_grid_ = token_grid
-        self.n_tokens_ = self.token_grid_**2
+        layers = resolve_layers(self.layers, model.feature_layer_names(), model.config.encoder_depth)
         size, channels = model.config.image_size, model.config.in_channels
-        self.image_shape_ = (size, size) if channels == 1 else (size, size, channels)
-        self._weights_sha256 = config["weights_sha256"]
-        # What a reload (after unpickling) must ask for again: the values of this fit, not today's parameters.
-        self._fitted_with = {"device": self.device, "language_model": self.language_model}
-        self._model = model
+
+        self._replace_fitted_state({
+            "checkpoint_": str(path),
+            "checkpoint_config_": copy.deepcopy(model.checkpoint_config),  # the cached model's is shared
+            "device_": str(device),
+            "output_": self.output,
+            "layers_": layers,
+            "token_grid_": token_grid,
+            "n_tokens_": token_grid**2,
+            "image_shape_": (size, size) if channels == 1 else (size, size, channels),
+            **input_facts,
+            "_weights_sha256": model.checkpoint_config["weights_sha256"],  # what was loaded, not what was read
+            # What a reload (after unpickling) must ask for again: the values of this fit, not today's parameters.
+            "_fitted_with": {"device": self.device, "language_model": self.language_model},
+            "_model": model,
+        })
         return self
+
+    def _replace_fitted_state(self, state: dict) -> None:
+        """Swap a whole new fitted state in for the previous one, the last step of a fit that succeeded."""
+        previous = [name for name in vars(self)
+                    if (name.endswith("_") and not name.startswith("__")) or name in _PRIVATE_STATE]
+        for name in previous:
+            if name not in state:  # e.g. n_features_in_ of an earlier fit on flat rows
+                delattr(self, name)
+        self.__dict__.update(state)
 
     def _resolve_token_grid(self, config: dict, grid: int) -> int:
         """``token_grid`` as a side length: "auto" reads the checkpoint's recommendation for text."""
@@ -281,22 +309,29 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
                              f"({grid}), got {self.token_grid!r}")
         return int(self.token_grid)
 
-    def _check_fit_input(self, X, config) -> None:
-        """Refuse what cannot be images; flat rows go through scikit-learn's validation (sparse ones fail it)."""
+    def _flat_row_facts(self, X, config) -> dict:
+        """Refuse what cannot be images; flat rows go through scikit-learn's validation (sparse ones fail it).
+
+        Returns the fitted facts flat rows give (``n_features_in_``, ``feature_names_in_``), {} for images.
+        """
         if isinstance(X, np.ndarray) and X.dtype != object and X.ndim not in (2, 3, 4):
             raise ValueError(f"X has shape {X.shape}: expected images (N, H, W) or (N, H, W, C), or flat rows "
                              f"(N, H x W x C)")
         if not (is_flat_rows(X) or sp.issparse(X)):
-            return  # images, paths, PIL images: read by transform
-        validate_data(self, X, reset=True, dtype=None)
+            return {}  # images, paths, PIL images: read by transform
+        # validate_data records the width and names on the estimator it checks: a scratch copy, so that
+        # a fit that fails later leaves this one as it was.
+        scratch = clone(self)
+        validate_data(scratch, X, reset=True, dtype=None)
         width = flat_width(config["preprocessing"])
-        if self.n_features_in_ != width:
+        if scratch.n_features_in_ != width:
             size = config["preprocessing"]["image_size"]
             raise ValueError(
-                f"X has {self.n_features_in_} features per row, but this checkpoint reads flat rows of "
+                f"X has {scratch.n_features_in_} features per row, but this checkpoint reads flat rows of "
                 f"{size} x {size} x {width // size**2} = {width} pixels (or images (N, H, W[, C]), paths, "
                 f"PIL images)"
             )
+        return {name: value for name, value in vars(scratch).items() if name in ("n_features_in_", "feature_names_in_")}
 
     def __sklearn_is_fitted__(self) -> bool:
         return "_weights_sha256" in self.__dict__
@@ -368,7 +403,7 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
             Token ids, token texts or embeddings, by ``output``.
         """
         check_is_fitted(self)
-        return self.encode(X, (self.output_,))[self.output_]
+        return self._encode(X, (self.output_,), stacklevel=4)[self.output_]  # transform is wrapped by set_output
 
     def encode(self, X, outputs=("ids", "text")) -> dict:
         """Compute several outputs in one pass over the model.
@@ -390,11 +425,15 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
             requested keys.
         """
         check_is_fitted(self)
-        outputs = _check_outputs(outputs)
+        return self._encode(X, _check_outputs(outputs), stacklevel=3)
+
+    def _encode(self, X, outputs: tuple, stacklevel: int) -> dict:
+        X = as_array_input(X)
         if is_flat_rows(X) and hasattr(self, "n_features_in_"):
             validate_data(self, X, reset=False, dtype=None)  # same width and column names as in fit
         model = self.model_
-        source = image_source(X, model.checkpoint_config["preprocessing"])
+        preprocessing = model.checkpoint_config["preprocessing"]
+        source = image_source(X, preprocessing)
         want_embeddings = "embeddings" in outputs
         layers = self.layers_ if want_embeddings else []
         need_ids = "ids" in outputs or "text" in outputs or any(n.startswith("lm.") for n in layers)
@@ -416,6 +455,9 @@ class LQAETokenizer(TransformerMixin, BaseEstimator):
                     ids_parts.append(ids.cpu().numpy())
                 if features is not None:
                     feature_parts.append(features.cpu().numpy())
+        gap = domain_gap(source.originals(), preprocessing, self.checkpoint_config_.get("training", {}).get("data"))
+        if gap is not None:
+            warnings.warn(gap, DomainWarning, stacklevel=stacklevel)
 
         result = {}
         if need_ids:

@@ -6,6 +6,7 @@ errors, the crash-isolating decode pool and the file discovery rules.
 """
 
 import base64
+import errno
 import json
 import os
 import signal
@@ -18,47 +19,28 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lqae_sklearn.model import DEFAULT_CHECKPOINT
+from lqae_sklearn.model import DEFAULT_CHECKPOINT, read_checkpoint_config
 from lqae_sklearn.encoding._decode import WORKER_DIED, DecodePipeline, decode_file
 from lqae_sklearn.encoding._discovery import Item, discover, in_shard
 from lqae_sklearn.encoding._jsonl import iter_records, repair_torn_tail
 
-from conftest import fashion_mnist_subset
 from test_images import write_bilevel_png
 
+pytest_plugins = ("encode_fixtures",)  # checkpoint, fashion, corpus
+
 ENCODE = [sys.executable, "-m", "lqae_sklearn.cli.encode"]
-N_TOKENS = 49
 
 
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory):
-    """The packaged checkpoint, or (until it ships) an untrained one of the same shape."""
-    if DEFAULT_CHECKPOINT.exists():
-        return str(DEFAULT_CHECKPOINT)
-    path = tmp_path_factory.getbasetemp() / "lqae-random-small-28"
-    if not path.exists():
-        import torch
-
-        from lqae_sklearn import LQAE, preset_config, save_checkpoint
-
-        torch.manual_seed(0)
-        save_checkpoint(LQAE(preset_config("small-28")).eval(), path)
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def fashion():
-    images, labels = fashion_mnist_subset("test")
-    return images[:300], labels[:300]
+def record_tokens(checkpoint) -> int:
+    """Tokens per record with the default --token-grid (auto) and outputs (ids,text): the checkpoint's text grid."""
+    config = read_checkpoint_config(checkpoint)
+    grid = config.get("inference", {}).get("text_token_grid") or config["model"]["image_size"] // config["model"][
+        "patch_size"]
+    return grid * grid
 
 
 def run_encode(*args, input=None, timeout=240):
     return subprocess.run(ENCODE + [os.fspath(a) for a in args], input=input, capture_output=True, timeout=timeout)
-
-
-def complete_lines(path) -> list[bytes]:
-    data = Path(path).read_bytes() if Path(path).exists() else b""
-    return data[: data.rfind(b"\n") + 1].splitlines(keepends=True)
 
 
 def load_records(path) -> list[dict]:
@@ -69,6 +51,11 @@ def key_of(record) -> bytes:
     if "path_bytes_b64" in record:
         return base64.b64decode(record["path_bytes_b64"])
     return record["path"].encode()
+
+
+def complete_lines(path) -> list[bytes]:
+    data = Path(path).read_bytes() if Path(path).exists() else b""
+    return data[: data.rfind(b"\n") + 1].splitlines(keepends=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,13 +115,35 @@ def build_matrix(root: Path, fashion) -> tuple[set, dict]:
     bad[root / "bad" / "fifo.png"] = "not a regular file"
     (root / "bad" / "up").symlink_to(root)  # a folder link back to an ancestor
     bad[root / "bad" / "up"] = "symlink loop"
-    Image.fromarray(images[10]).save(root / "bad" / "unreadable.png")
-    os.chmod(root / "bad" / "unreadable.png", 0)
-    if os.geteuid() == 0:  # root reads it anyway: it is then simply a good image
-        add_good(root / "bad" / "unreadable.png")
-    else:
-        bad[root / "bad" / "unreadable.png"] = "permission denied"
+    # An unreadable file is test_an_unreadable_file_is_an_error_record_also_for_root's: mode 0 stops no root.
     return good, {os.fsencode(k): v for k, v in bad.items()}
+
+
+def test_an_unreadable_file_is_an_error_record_also_for_root(tmp_path, checkpoint, fashion, monkeypatch):
+    """A file open() refuses gets "permission denied" and costs no other image. Mode 0 refuses nobody who runs
+    as root (as CI does), so open() itself refuses this one, in process: what a kernel answers a user for a
+    file they may not read."""
+    import builtins
+
+    from click.testing import CliRunner
+
+    from lqae_sklearn.cli.encode import cli
+
+    save_images(tmp_path / "imgs", fashion[0][:2])
+    secret = tmp_path / "imgs" / "1.png"
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)) and os.fspath(file) == os.fspath(secret):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    out = tmp_path / "o.jsonl"
+    result = CliRunner().invoke(cli, [str(tmp_path / "imgs"), str(out), "-c", checkpoint, "-j", "0"])
+    assert result.exit_code == 1, result.output
+    assert [r["path"] for r in load_records(out)] == [str(tmp_path / "imgs" / "0.png")]
+    assert load_records(tmp_path / "o.errors.jsonl") == [{"path": str(secret), "reason": "permission denied"}]
 
 
 def test_bad_files_never_stop_the_run_nor_cost_a_good_image(tmp_path, checkpoint, fashion):
@@ -151,8 +160,9 @@ def test_bad_files_never_stop_the_run_nor_cost_a_good_image(tmp_path, checkpoint
     records = load_records(out)
     keys = [key_of(r) for r in records]
     assert len(keys) == len(set(keys)) and set(keys) == good
+    tokens = record_tokens(checkpoint)
     for record in records:
-        assert len(record["ids"]) == N_TOKENS and len(record["text"].split()) == N_TOKENS
+        assert len(record["ids"]) == tokens and len(record["text"].split()) == tokens
     odd = next(r for r in records if "path_bytes_b64" in r)
     assert odd["path"].endswith("caf\ufffd.png")
 
@@ -172,17 +182,6 @@ def test_bad_files_never_stop_the_run_nor_cost_a_good_image(tmp_path, checkpoint
 # ---------------------------------------------------------------------------------------------
 # Interruption, resume, sharding
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, fashion):
-    images, labels = fashion
-    root = tmp_path_factory.mktemp("corpus") / "images"
-    for i in range(120):
-        folder = root / f"class{labels[i]}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(images[i]).save(folder / f"{i:04d}.png")
-    return root
-
-
 SLOW_ARGS = ("-b", "2", "-j", "1", "--labels-from-dirs")  # many small batches: time to interrupt
 
 
@@ -277,6 +276,10 @@ def test_overwrite_settings_check_and_stdout(tmp_path, corpus, checkpoint, refer
         (["{tmp}/imgs", "{tmp}/o.jsonl", "-c", "{tmp}/imgs"], "config.json"),
         (["{tmp}/imgs", "{tmp}/o.jsonl", "-c", "{ckpt}", "-o", "ids,pixels"], "pixels"),
         (["{tmp}/imgs", "-", "-", "{tmp}/o.jsonl", "-c", "{ckpt}"], "only once"),
+        (["{tmp}/imgs", "{tmp}/o.jsonl", "-c", "{ckpt}", "--token-grid", "fine"], "expected auto or a whole number"),
+        (["{tmp}/imgs", "{tmp}/o.jsonl", "-c", "{ckpt}", "--token-grid", "8"], "from 1 to the checkpoint's patch"),
+        (["{tmp}/imgs", "{tmp}/notes.txt/o.jsonl", "-c", "{ckpt}"], "cannot write {tmp}/notes.txt/o.jsonl"),
+        (["{tmp}/imgs", "{tmp}/notes.txt/tokens/", "-c", "{ckpt}"], "cannot write {tmp}/notes.txt/tokens/"),
     ],
 )
 def test_usage_errors_exit_2(tmp_path, checkpoint, args, message):
@@ -287,8 +290,41 @@ def test_usage_errors_exit_2(tmp_path, checkpoint, args, message):
     from lqae_sklearn.cli.encode import cli
 
     (tmp_path / "imgs").mkdir()
+    (tmp_path / "notes.txt").write_text("a file where a folder is needed\n")
     result = CliRunner().invoke(cli, [a.format(tmp=tmp_path, ckpt=checkpoint) for a in args])
-    assert result.exit_code == 2 and message in result.output, result.output
+    assert result.exit_code == 2 and message.format(tmp=tmp_path) in " ".join(result.output.split()), result.output
+
+
+def save_images(folder, images) -> None:
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i}.png")
+
+
+def test_the_command_with_every_default_writes_what_the_default_tokenizer_gives(tmp_path, fashion):
+    """Issue 20, item 9: `lqae-encode` with every default wrote 49 tokens per image, LQAETokenizer(output="text")
+    9; a corpus encoded by the command must be what the default few-shot pipeline reads."""
+    from click.testing import CliRunner
+
+    from lqae_sklearn import LQAETokenizer
+    from lqae_sklearn.cli.encode import cli
+
+    images = fashion[0][:6]
+    save_images(tmp_path / "imgs", images)
+    result = run_encode(tmp_path / "imgs", tmp_path / "o.jsonl")  # every default
+    assert result.returncode == 0, result.stderr.decode()
+    records = sorted(load_records(tmp_path / "o.jsonl"), key=lambda r: r["path"])
+    tokenizer = LQAETokenizer(output="text").fit()
+    assert [r["text"] for r in records] == tokenizer.transform(images)
+    np.testing.assert_array_equal([r["ids"] for r in records], tokenizer.encode(images, ("ids",))["ids"])
+    grid = read_checkpoint_config(DEFAULT_CHECKPOINT)["inference"]["text_token_grid"]
+    assert json.loads((tmp_path / "o.meta.json").read_text())["token_grid"] == grid  # resume checks it
+
+    # Without text in the records, one token per patch, as LQAETokenizer(output="ids") gives.
+    ids_only = CliRunner().invoke(cli, [str(tmp_path / "imgs"), str(tmp_path / "ids.jsonl"), "-o", "ids", "-j", "0"])
+    assert ids_only.exit_code == 0, ids_only.output
+    records = sorted(load_records(tmp_path / "ids.jsonl"), key=lambda r: r["path"])
+    np.testing.assert_array_equal([r["ids"] for r in records], LQAETokenizer(output="ids").fit().transform(images))
 
 
 def test_token_grid_writes_coarser_tokens_and_is_part_of_the_settings(tmp_path, checkpoint, fashion):
@@ -298,20 +334,19 @@ def test_token_grid_writes_coarser_tokens_and_is_part_of_the_settings(tmp_path, 
     from lqae_sklearn.cli.encode import cli
 
     images = fashion[0][:6]
-    (tmp_path / "imgs").mkdir()
-    for i, image in enumerate(images):
-        Image.fromarray(image).save(tmp_path / "imgs" / f"{i}.png")
+    save_images(tmp_path / "imgs", images)
     out = tmp_path / "o.jsonl"
     args = [str(tmp_path / "imgs"), str(out), "-c", checkpoint, "--workers", "0", "--no-progress"]
-    result = CliRunner().invoke(cli, args + ["--token-grid", "3"])
+    result = CliRunner().invoke(cli, args + ["--token-grid", "2"])  # an explicit grid holds for every field
     assert result.exit_code == 0, result.output
     records = sorted(load_records(out), key=lambda r: r["path"])
-    expected = LQAETokenizer(checkpoint, token_grid=3, output="text").fit().transform(images)
+    expected = LQAETokenizer(checkpoint, token_grid=2, output="text").fit().transform(images)
     assert [r["text"] for r in records] == expected
-    assert all(len(r["ids"]) == 9 for r in records)
+    assert all(len(r["ids"]) == 4 for r in records)
     # Resuming with other tokens per image would mix two kinds of record: refused.
+    grid = int(record_tokens(checkpoint) ** 0.5)
     again = CliRunner().invoke(cli, args)
-    assert again.exit_code == 2 and "token_grid: 3 then, None now" in again.output
+    assert again.exit_code == 2 and f"token_grid: 2 then, {grid} now" in again.output
 
 
 def test_help_documents_exit_codes_and_resume():
@@ -321,7 +356,8 @@ def test_help_documents_exit_codes_and_resume():
 
     result = CliRunner().invoke(cli, ["--help"])
     assert result.exit_code == 0
-    for text in ("Exit status", "130", "Resume", "--shard", "--workers", "--labels-from-dirs", "errors.jsonl"):
+    for text in ("Exit status", "130", "Resume", "--shard", "--workers", "--labels-from-dirs", "errors.jsonl",
+                 "Tokens per image", "auto"):
         assert text in result.output
 
 

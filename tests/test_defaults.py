@@ -10,12 +10,16 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer
 
 from conftest import fashion_mnist_subset
 from lqae_sklearn import CheckpointError, LLMFewShotClassifier, LQAETokenizer
@@ -32,22 +36,47 @@ def data():
     return X[keep], y[keep]
 
 
+@pytest.fixture(scope="module")
+def held_out():
+    """The whole shipped subset: 1,000 training images and 500 held-out test images."""
+    return fashion_mnist_subset("train"), fashion_mnist_subset("test")
+
+
+def seeded_noise(X):
+    """Gaussian features of the default width that carry nothing of the images: the control."""
+    return np.random.default_rng(0).standard_normal((len(X), 4 * 256)).astype(np.float32)
+
+
 def test_the_default_transform_is_the_probe_features(data):
     X, _ = data
     tok = LQAETokenizer().fit()
     features = tok.transform(X[:20])
     assert tok.output_ == "embeddings" and tok.layers_ == ["encoder.1", "encoder.2", "encoder.3", "encoder.4"]
     assert features.dtype == np.float32 and features.shape == (20, 4 * 256)
-    np.testing.assert_array_equal(features, LQAETokenizer(output="embeddings", layers="encoder").fit().transform(X[:20]))
+    # The model's own encoder-block features, computed here without the tokenizer.
+    pixels = torch.from_numpy(X[:20, None].astype(np.float32) / 255.0).to(tok.device_)
+    with torch.inference_mode():
+        expected = tok.model_.features(pixels, tok.layers_).cpu().numpy()
+    np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_the_headline_pipeline_with_every_default_learns(data):
-    X, y = data
-    pipe = Pipeline([("lqae", LQAETokenizer()), ("logreg", LogisticRegression(max_iter=200))]).fit(X, y)
+def test_the_headline_pipeline_with_every_default_learns(held_out):
+    """Held-out accuracy, against a control of seeded noise features through the same probe.
+
+    Measured on the shipped subset (1,000 train -> 500 test): 0.772 with the default features, 0.098 with
+    the noise (which scores 1.0 on its own training images: training accuracy in 1,024 dimensions proves
+    nothing).
+    """
+    (X_train, y_train), (X_test, y_test) = held_out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # LogisticRegression's default max_iter, as a user runs it
+        pipe = Pipeline([("lqae", LQAETokenizer()), ("logreg", LogisticRegression())]).fit(X_train, y_train)
+        control = Pipeline([("noise", FunctionTransformer(seeded_noise)), ("logreg", LogisticRegression())])
+        control.fit(X_train, y_train)
     assert pipe.named_steps["logreg"].n_features_in_ == 1024
-    # Training accuracy on 120 images in 1,024 dimensions: a sanity check that the features carry the
-    # labels (ids read as numbers did not); the test-set figure is a benchmark, not a unit test.
-    assert pipe.score(X, y) > 0.9
+    real, noise = pipe.score(X_test, y_test), control.score(X_test, y_test)
+    assert noise < 0.2, noise  # the control is at chance (0.1): the protocol cannot be passed by noise
+    assert real > 0.7 and real - noise > 0.5, (real, noise)
 
 
 def test_auto_token_grid_follows_the_checkpoint_for_text_only():

@@ -10,15 +10,19 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 pq = pytest.importorskip("pyarrow.parquet")
 
-from test_cli_encode import (  # noqa: E402 - fixtures and helpers of the JSONL tests
-    ENCODE, build_matrix, checkpoint, corpus, fashion, key_of, load_records, run_encode,  # noqa: F401
+from test_cli_encode import (  # noqa: E402 - helpers of the JSONL tests
+    ENCODE, build_matrix, key_of, load_records, record_tokens, run_encode,
 )
+
+pytest_plugins = ("encode_fixtures",)  # checkpoint, fashion, corpus
 
 
 def parquet_rows(folder) -> list[dict]:
@@ -56,7 +60,8 @@ def test_parquet_holds_what_jsonl_holds_bad_files_and_all(tmp_path, checkpoint, 
     schema = pq.read_schema(next((tmp_path / "out.parquet").glob("part-*.parquet")))
     import pyarrow as pa
 
-    assert pa.types.is_fixed_size_list(schema.field("ids").type) and schema.field("ids").type.list_size == 49
+    tokens = record_tokens(checkpoint)
+    assert pa.types.is_fixed_size_list(schema.field("ids").type) and schema.field("ids").type.list_size == tokens
     assert schema.field("ids").type.value_type == pa.int32()
     assert schema.field("embeddings").type.value_type == pa.float32()
 
@@ -143,34 +148,196 @@ def test_an_output_folder_inside_the_images_is_not_encoded(tmp_path, corpus, che
     assert "6 already in" in result.stderr.decode() and "0 failed" in result.stderr.decode()
 
 
-def test_a_killed_runs_late_commit_is_fenced_and_dropped(tmp_path):
-    """A worker of a killed run may still rename a part into place after a new run read what is done:
-    the new run's fence refuses it, and a part that slipped past the fence is removed at the end."""
-    import pyarrow as pa
+def small_folder(root, fashion, count) -> Path:
+    root.mkdir(parents=True)
+    for i in range(count):
+        Image.fromarray(fashion[0][i]).save(root / f"img{i}.png")
+    return root
 
-    from lqae_sklearn.encoding._outputs import ParquetOutput, commit_part
 
-    def part(paths):
-        return pa.table({"path": paths, "path_bytes_b64": pa.array([None] * len(paths), pa.string())})
+def decoded_part(name, paths) -> dict:
+    """A part as Ray Data hands it to the encoder actors (``decode_part``'s output, batch of one)."""
+    from lqae_sklearn.encoding._ray import decode_part
 
-    folder = tmp_path / "tokens"
-    first = ParquetOutput(str(folder))
-    first.prepare()
-    first.claim()
-    commit_part(part(["a.png"]), first.part_path(first.run, 0))
+    part = decode_part({"part": name, "paths": [os.fsencode(p) for p in paths]},
+                       {"image_size": 28, "color_mode": "L"})
+    return {"part": np.array([part["part"]]), "paths": [part["paths"]], "reasons": [part["reasons"]],
+            "images": [part["images"]]}
 
-    second = ParquetOutput(str(folder))  # the rerun after the kill
-    second.prepare()
-    second.claim()
-    assert second.run == 1 and (folder / "_run").read_text() == "1\n"
-    assert second.done_keys() == {b"a.png"}
-    commit_part(part(["b.png"]), second.part_path(0, 1))  # the old worker, after the rerun read the parts
-    (folder / ".part-00000-000002.parquet.x1").write_bytes(b"half a part")  # and one it was still writing
-    commit_part(part(["b.png"]), second.part_path(second.run, 0))  # the rerun encodes b.png itself
-    second.finish(complete=True)
 
-    assert sorted(p.name for p in folder.iterdir() if "part" in p.name) == [
-        "part-00000-000000.parquet", "part-00001-000000.parquet"]
-    assert sorted(pq.read_table(folder)["path"].to_pylist()) == ["a.png", "b.png"]
-    manifest = json.loads((folder / "_manifest.json").read_text())
-    assert manifest["rows"] == 2 and manifest["complete"] is True
+def test_a_killed_runs_worker_never_changes_what_the_rerun_commits(tmp_path, checkpoint, fashion):
+    """Issue 20, item 1: a worker of a killed run finishing its part before the rerun claims the folder,
+    between its claim and its listing of the done images (where main lost the image: counted as done, then
+    deleted as a straggler), or after the rerun's finish (where main left rows that readers saw twice and the
+    manifest did not list). The worker is the real Ray actor class, staging into its run's folder; only the
+    rerun's driver commits, so none of its writes ever becomes visible."""
+    from encode_harness import Actor, Harness
+
+    from lqae_sklearn.encoding import encode_dataset
+    from lqae_sklearn.encoding._encoder import tokenizer_params
+    from lqae_sklearn.encoding._outputs import OutputFenced
+    from lqae_sklearn.encoding._ray import PartEncoder
+
+    images = small_folder(tmp_path / "images", fashion, 3)
+    out = tmp_path / "tokens"
+
+    def run():
+        return encode_dataset(images, out, checkpoint=checkpoint, format="parquet", part_size=1, batch_size=1,
+                              device="cpu")
+
+    clean = encode_dataset(images, tmp_path / "clean", checkpoint=checkpoint, format="parquet", part_size=1,
+                           device="cpu")
+    assert clean["encoded"] == 3
+    with Harness():
+        first = Actor("run 0", run).start()  # killed after committing img0, about to write img1's part
+        while not (first.at == "write part" and "commit" in first.steps):
+            first.advance()
+        first.kill()
+        worker = PartEncoder(tokenizer_params(checkpoint, ("ids", "text"), 3, None, 1, "cpu"), ("ids", "text"),
+                             False, os.fspath(out / "_runs" / "00000"))
+        late = decoded_part("part-00000-000001.parquet", [images / "img1.png"])
+
+        rerun = Actor("run 1", run).start()
+        assert rerun.at == "claim"
+        worker(late)  # before the claim: staged where nothing reads, and renamed away by the claim
+        assert (out / "_runs" / "00000" / "part-00000-000001.parquet").exists()
+        rerun.advance()
+        assert rerun.at == "list done" and not (out / "_runs" / "00000").exists()
+        with pytest.raises(OutputFenced, match="a newer run has started"):
+            worker(late)  # between the claim and the listing of what is done
+        while not rerun.finished:
+            rerun.advance()
+        with pytest.raises(OutputFenced, match="a newer run has started"):
+            worker(late)  # after the rerun finished
+        first.unwind()
+        rerun.unwind()
+
+    assert rerun.error is None and rerun.result == {"encoded": 2, "already": 1, "failed": 0, "interrupted": False}
+    rows = parquet_rows(out)
+    assert sorted(row_keys(rows)) == sorted(row_keys(parquet_rows(tmp_path / "clean")))  # each image once
+    assert {r["path"]: r["ids"] for r in rows} == {r["path"]: r["ids"] for r in parquet_rows(tmp_path / "clean")}
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["complete"] is True and manifest["rows"] == 3
+    assert [p["file"] for p in manifest["parts"]] == sorted(p.name for p in out.glob("part-*.parquet"))
+    assert not (out / "_runs").exists()
+
+
+def test_the_fence_stops_a_driver_that_lost_its_lock(tmp_path, checkpoint, fashion):
+    """Where the lock does not hold (a file system without locks, an NFS lock lost while its driver hung),
+    the run fence is what keeps a superseded driver from undoing a newer run: here the old driver wakes up
+    to finish while the newer run has a part staged, and would remove it (and rewrite the manifest and the
+    errors) if its fence check let it."""
+    from encode_harness import Actor, Harness
+
+    from lqae_sklearn.encoding import EncodeError, encode_dataset
+
+    images = small_folder(tmp_path / "images", fashion, 3)
+    out = tmp_path / "tokens"
+    (images / "img2.png").rename(tmp_path / "img2.png")  # the newer run will find one more image
+
+    def run():
+        return encode_dataset(images, out, checkpoint=checkpoint, format="parquet", part_size=1, batch_size=1,
+                              device="cpu")
+
+    with Harness():
+        stale = Actor("run 0", run).start()
+        while stale.steps.count("commit") < 2:
+            stale.advance()
+        assert stale.at == "fence check"  # before finishing: errors file, staging, manifest
+        stale.lose_locks()
+        (tmp_path / "img2.png").rename(images / "img2.png")
+        newer = Actor("run 1", run).start()
+        while newer.at != "commit":  # claimed the folder, staged img2's part, passed its own fence check
+            newer.advance()
+        while not stale.finished:
+            stale.advance()
+        while not newer.finished:
+            newer.advance()
+        stale.unwind()
+        newer.unwind()
+
+    assert newer.error is None and newer.result == {"encoded": 1, "already": 2, "failed": 0, "interrupted": False}
+    assert isinstance(stale.error, EncodeError), stale.error
+    assert "run 1 has claimed this folder since this run (run 0) started" in str(stale.error)
+    rows = parquet_rows(out)
+    assert sorted(r["path"] for r in rows) == sorted(str(images / f"img{i}.png") for i in range(3))
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["complete"] is True
+    assert [p["file"] for p in manifest["parts"]] == sorted(p.name for p in out.glob("part-*.parquet"))
+    assert (out / "_run").read_text() == "1\n"
+
+
+def test_the_run_counter_only_grows(tmp_path, checkpoint, fashion):
+    """Issue 20, item 2: a folder holding only ``_run = 7`` (its parts removed, or never written) goes on
+    at 8, and so does --overwrite: an earlier run's number never comes back, so no stale worker of it can
+    pass the fence again."""
+    from lqae_sklearn.encoding import encode_dataset
+
+    images = small_folder(tmp_path / "images", fashion, 2)
+    out = tmp_path / "tokens"
+    out.mkdir()
+    (out / "_run").write_text("7\n")
+    encode_dataset(images, out, checkpoint=checkpoint, format="parquet", part_size=1, device="cpu")
+    assert (out / "_run").read_text() == "8\n"
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-00008-000000.parquet", "part-00008-000001.parquet"]
+    encode_dataset(images, out, checkpoint=checkpoint, format="parquet", part_size=1, device="cpu", overwrite=True)
+    assert (out / "_run").read_text() == "9\n"
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-00009-000000.parquet", "part-00009-000001.parquet"]
+    assert len(parquet_rows(out)) == 2
+
+
+def test_what_a_kill_leaves_is_cleaned_and_not_taken_for_strangers(tmp_path, checkpoint, fashion):
+    """A SIGKILL inside an atomic write leaves its temporary file ("._manifest.json.x1y2"); a staged part of a
+    killed run is left in its staging folder. The rerun resumes (main refused the folder as holding files
+    lqae-encode did not write) and removes both."""
+    from lqae_sklearn.encoding import encode_dataset
+
+    images = small_folder(tmp_path / "images", fashion, 2)
+    out = tmp_path / "tokens"
+    encode_dataset(images, out, checkpoint=checkpoint, format="parquet", part_size=1, device="cpu")
+    (out / "._manifest.json.x1y2").write_text("{")
+    (out / "._run.abc").write_text("")
+    (out / "_runs" / "00000").mkdir(parents=True)
+    (out / "_runs" / "00000" / "part-00000-000005.parquet").write_bytes(b"staged, never committed")
+    again = encode_dataset(images, out, checkpoint=checkpoint, format="parquet", part_size=1, device="cpu")
+    assert again["already"] == 2
+    assert sorted(p.name for p in out.iterdir()) == [
+        "_lock", "_manifest.json", "_meta.json", "_run", "part-00000-000000.parquet", "part-00000-000001.parquet"]
+
+
+def test_a_failed_run_never_says_complete(tmp_path, checkpoint, fashion):
+    """A run that stops on an error (here a layer name the checkpoint does not have, found when the model is
+    loaded for the first batch) leaves a manifest saying "complete": false (main wrote true)."""
+    from lqae_sklearn.encoding import EncodeError, encode_dataset
+
+    images = small_folder(tmp_path / "images", fashion, 2)
+    out = tmp_path / "tokens"
+    with pytest.raises(EncodeError, match="lm.99"):
+        encode_dataset(images, out, checkpoint=checkpoint, format="parquet", outputs=("ids", "embeddings"),
+                       layers="lm.99", device="cpu")
+    assert json.loads((out / "_manifest.json").read_text())["complete"] is False
+    assert not list(out.glob("part-*"))
+
+
+def test_a_second_run_on_the_same_folder_is_refused_and_a_killed_runs_lock_dies_with_it(tmp_path, corpus,
+                                                                                       checkpoint):
+    out = tmp_path / "tokens"
+    args = [corpus, str(out) + "/", "-c", checkpoint, "-b", "2", "-j", "1", "--part-size", "2"]
+    first = subprocess.Popen(ENCODE + [os.fspath(a) for a in args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(out.glob("part-*.parquet")):
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        second = run_encode(*args)
+        assert second.returncode == 2, second.stderr.decode()
+        assert "another lqae-encode run is writing" in second.stderr.decode()
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+    resumed = run_encode(*args)  # the kernel dropped the killed run's lock
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    rows = parquet_rows(out)
+    assert len(rows) == len(set(row_keys(rows))) == len(list(corpus.rglob("*.png")))

@@ -22,8 +22,10 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from test_cli_encode import ENCODE, checkpoint, fashion, key_of, load_records, run_encode  # noqa: E402, F401
+from test_cli_encode import ENCODE, key_of, load_records, run_encode  # noqa: E402
 from test_encode_parquet import parquet_rows, row_keys  # noqa: E402
+
+pytest_plugins = ("encode_fixtures",)  # checkpoint, fashion
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,11 @@ def assert_exactly_once(out: Path, root) -> list[dict]:
     keys = row_keys(rows)
     assert len(keys) == len(set(keys)), "an image was written twice"
     assert set(keys) == good_keys(root), "an image was lost"
-    assert not list(out.glob(".part-*"))
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert not (out / "_runs").exists(), "a staging folder was left behind"
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["complete"] is True and manifest["rows"] == len(rows)
+    assert [p["file"] for p in manifest["parts"]] == sorted(p.name for p in out.glob("part-*.parquet"))
     return rows
 
 

@@ -1,6 +1,9 @@
 """The Python side of corpus encoding: encode_dataset and BatchEncoder, without a Ray cluster."""
 
+import ast
 import json
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ from PIL import Image
 from lqae_sklearn import LQAETokenizer
 from lqae_sklearn.encoding import BatchEncoder, EncodeError, encode_dataset
 
-from test_cli_encode import checkpoint, fashion  # noqa: F401 - fixtures
+pytest_plugins = ("encode_fixtures",)  # checkpoint, fashion
 
 
 @pytest.fixture
@@ -29,9 +32,10 @@ def test_encode_dataset_writes_resumes_and_reports(tmp_path, folder, checkpoint,
     assert first == {"encoded": 5, "already": 0, "failed": 1, "interrupted": False}
     table = pq.read_table(out)
     assert table.num_rows == 5 and set(table["label"].to_pylist()) == {"boots"}
-    tokenizer = LQAETokenizer(checkpoint=checkpoint, output="ids", device="cpu").fit()
+    # ids and text are one pass at the grid LQAETokenizer(output="text") uses (token_grid="auto")
+    tokenizer = LQAETokenizer(checkpoint=checkpoint, output="text", device="cpu").fit()
     by_path = dict(zip(table["path"].to_pylist(), table["ids"].to_pylist()))
-    expected = tokenizer.transform(fashion[0][:5])
+    expected = tokenizer.encode(fashion[0][:5], ("ids",))["ids"]
     for i in range(5):
         assert by_path[str(folder / "boots" / f"{i}.png")] == expected[i].tolist()
     assert json.loads((out / "_errors.jsonl").read_text())["reason"].startswith("not an image")
@@ -67,3 +71,33 @@ def test_batch_encoder_adds_the_tokenizer_outputs_as_columns(checkpoint, fashion
     assert BatchEncoder(tokenizer)({"image": images})["text"].shape == (6,)  # default: the tokenizer's output
     with pytest.raises(KeyError, match="no column 'image'.*pixels"):
         encoder({"pixels": images})
+
+
+def test_encode_dataset_runs_in_a_thread_other_than_the_main_one(tmp_path, folder, checkpoint):
+    """Signals reach only the main thread, so a run in another one (a web server's worker, a notebook's
+    background job) stops when its caller stops it; main raised "signal only works in main thread"."""
+    results = []
+    thread = threading.Thread(target=lambda: results.append(
+        encode_dataset(folder, tmp_path / "out.jsonl", checkpoint=checkpoint, device="cpu")))
+    thread.start()
+    thread.join(timeout=300)
+    assert results == [{"encoded": 5, "already": 0, "failed": 1, "interrupted": False}]
+
+
+def test_the_encoding_modules_import_downwards():
+    """Every import between lqae_sklearn.encoding's modules points down a layering (no circle, such as the
+    one between _ray and _run that main had): the modules sort topologically."""
+    import graphlib
+
+    import lqae_sklearn.encoding
+
+    package = Path(lqae_sklearn.encoding.__file__).parent
+    imports = {}
+    for path in package.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names |= {node.module} if node.module else {alias.name for alias in node.names}
+        imports[path.stem] = names - {path.stem}
+    order = list(graphlib.TopologicalSorter(imports).static_order())  # raises CycleError on a circle
+    assert order.index("_run") > order.index("_ray") > order.index("_parquet") > order.index("_errors")

@@ -1,6 +1,9 @@
 """Decoding unusual and broken image files (lqae_sklearn._images), with real files."""
 
+import builtins
+import errno
 import os
+import re
 import struct
 import zlib
 
@@ -8,10 +11,25 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lqae_sklearn._images import ImageLoadError, load_image, normalize_mode, prepare_image, to_model_input
+from lqae_sklearn._images import (
+    ImageLoadError,
+    describe_training_data,
+    domain_gap,
+    image_source,
+    image_summary,
+    load_image,
+    normalize_mode,
+    prepare_image,
+    to_model_input,
+)
 
 GRAY28 = {"image_size": 28, "color_mode": "L", "resample": "bilinear"}
 RGB28 = {"image_size": 28, "color_mode": "RGB", "resample": "bilinear"}
+
+
+@pytest.fixture(autouse=True)
+def _ok_png(tmp_path):
+    Image.new("L", (4, 4)).save(tmp_path / "ok.png")
 
 
 def write_bilevel_png(path, width, height):
@@ -140,12 +158,26 @@ def test_folder_and_missing_file(tmp_path):
         load_image(tmp_path / "missing.png")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_unreadable_file(tmp_path):
-    Image.new("L", (4, 4)).save(tmp_path / "secret.png")
-    os.chmod(tmp_path / "secret.png", 0)
-    with pytest.raises(ImageLoadError, match="permission denied"):
-        load_image(tmp_path / "secret.png")
+def test_unreadable_file(tmp_path, monkeypatch):
+    """Permission denied, also under root (which reads any file whatever its mode bits, as CI runs): the open
+    of that one path is refused as the kernel refuses it, and the error names the file."""
+    secret = tmp_path / "secret.png"
+    Image.new("L", (4, 4)).save(secret)
+    real_open = builtins.open
+
+    def open_refusing_the_secret(file, *args, **kwargs):
+        if os.fspath(file) == str(secret):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(secret))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_refusing_the_secret)  # Pillow opens files with builtins.open
+    with pytest.raises(ImageLoadError, match="permission denied") as info:
+        load_image(secret)
+    assert info.value.item == str(secret) and str(secret) in str(info.value)
+    assert isinstance(info.value.__cause__, PermissionError)
+    with pytest.raises(ImageLoadError, match=re.escape(f"X[1] ({str(secret)!r}): permission denied")):
+        image_source([tmp_path / "ok.png", secret], GRAY28).batch(1, 2)
+    assert load_image(tmp_path / "ok.png").size == (4, 4)  # other files open as usual
 
 
 def test_prepare_image_matches_to_model_input(tmp_path):
@@ -158,3 +190,41 @@ def test_prepare_image_matches_to_model_input(tmp_path):
         np.testing.assert_array_equal(model_input, expected.astype(np.float32) / 255.0)
         # An already prepared uint8 array goes through unchanged.
         np.testing.assert_array_equal(to_model_input(prepared, preprocessing), model_input)
+
+
+# -- how far images are from a checkpoint's training data -----------------------------------------
+FASHION_MNIST_TRAIN = {"source": "fashion-mnist", "split": "train", "num_images": 60000}
+
+
+def test_image_summary_counts_colour_only_where_the_channels_differ():
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert image_summary(gray) == (3, 4, "L")
+    assert image_summary(np.repeat(gray[..., None], 3, axis=-1)) == (3, 4, "L")  # a gray photo saved as RGB
+    colour = np.repeat(gray[..., None], 3, axis=-1)
+    colour[1, 2, 0] += 1
+    assert image_summary(colour) == (3, 4, "RGB")
+    assert image_summary(Image.fromarray(colour)) == (3, 4, "RGB")
+    assert image_summary(Image.fromarray(gray)) == (3, 4, "L")
+    assert image_summary(Image.fromarray(np.repeat(gray[..., None], 3, axis=-1))) == (3, 4, "L")
+
+
+def test_domain_gap_is_silent_near_the_checkpoints_images():
+    for size in [(28, 28), (56, 40), (112, 112), (7, 7)]:  # up to 4 times larger or smaller on a side
+        assert domain_gap([(*size, "L")] * 3, GRAY28, FASHION_MNIST_TRAIN) is None
+        assert domain_gap([(*size, "RGB")] * 3, RGB28, None) is None
+
+
+def test_domain_gap_names_what_is_far_the_training_data_and_the_remedy():
+    message = domain_gap([(427, 640, "RGB"), (427, 640, "RGB"), (28, 28, "L")], GRAY28, FASHION_MNIST_TRAIN)
+    assert message.startswith("2 of 3 images are much larger than 28 x 28; 2 of 3 images are colour (e.g. 427 x 640 "
+                              "colour), but this checkpoint was trained on fashion-mnist train, 60,000 images, 28 x 28 "
+                              "grayscale")
+    assert "lqae-train --data FOLDER --preset small-rgb --image-size SIZE --out RUN" in message
+    small = domain_gap([(6, 6, "L")], GRAY28, FASHION_MNIST_TRAIN)
+    assert small.startswith("1 of 1 images are much smaller than 28 x 28 (e.g. 6 x 6 grayscale)")
+    gray_to_colour = domain_gap([(28, 28, "L")] * 2, RGB28, {"source": "folder", "path": "/data/birds", "num_images": 1234})
+    assert gray_to_colour.startswith("2 of 2 images are grayscale (e.g. 28 x 28 grayscale), but this checkpoint was "
+                                     "trained on the images under /data/birds, 1,234 images, 28 x 28 colour")
+    assert "--preset small-28 " in gray_to_colour
+    assert describe_training_data(None) == describe_training_data({}) == "data its config does not record"
+    assert describe_training_data({"source": "npy", "path": "x.npy", "num_images": 5}) == "x.npy, 5 images"

@@ -7,10 +7,13 @@ test does not depend on training).
 
 from __future__ import annotations
 
+import ast
 import os
 import pickle
 import re
+import shutil
 import warnings
+from pathlib import Path
 
 import joblib
 import numpy as np
@@ -19,14 +22,16 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.base import clone
+from sklearn.datasets import load_sample_images
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
-from lqae_sklearn import LQAE, LQAETokenizer, preset_config, save_checkpoint
+from lqae_sklearn import LQAE, DeviceWarning, DomainWarning, LQAETokenizer, clear_model_cache, preset_config, save_checkpoint
+from lqae_sklearn import _loading
 from lqae_sklearn.model import DEFAULT_CHECKPOINT, CheckpointError, read_checkpoint_config
 from lqae_sklearn._images import ImageLoadError
-from lqae_sklearn import DeviceWarning
 from lqae_sklearn._loading import LQAE_MODELS
+from lqae_sklearn._model_cache import ModelCache
 
 from conftest import fashion_mnist_subset
 
@@ -359,6 +364,208 @@ def test_refits_and_clones_share_one_loaded_model(checkpoint, tmp_path):
         torch.manual_seed(len(LQAE_MODELS) + 7)
         LQAETokenizer(save_checkpoint(LQAE(preset_config("small-28"), a.model_.language_model).eval(), copy)).fit()
     assert len(LQAE_MODELS) == LQAE_MODELS.max_items
+
+
+def test_a_checkpoint_replaced_while_loading_is_never_cached_under_the_old_checksum(fitted, images, tmp_path,
+                                                                                     monkeypatch):
+    """lqae-train saving to the folder between fit's read of the config (A) and the load of the weights (B)."""
+    path = save_checkpoint(fitted.model_, tmp_path / "ck")
+    config_a = read_checkpoint_config(path)
+    expected_a = fitted.transform(images)
+    torch.manual_seed(3)
+    model_b = LQAE(preset_config("small-28"), fitted.model_.language_model).eval()
+    real_load = _loading.load_checkpoint
+
+    def replaced_then_loaded(*args, **kwargs):
+        save_checkpoint(model_b, path)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(_loading, "load_checkpoint", replaced_then_loaded)
+    tok = LQAETokenizer(path, output="ids")
+    try:
+        tok.fit()
+    except CheckpointError as error:
+        raised = error
+    else:
+        raised = None
+    monkeypatch.undo()
+    for key, model in LQAE_MODELS.items():  # every model under its own checksum, whatever fit did
+        assert key[1] == model.checkpoint_config["weights_sha256"], f"{key[1]} holds {model.checkpoint_config['weights_sha256']}"
+    assert raised is not None and "was replaced while it was being loaded" in str(raised)
+    assert not hasattr(tok, "checkpoint_")  # the failed fit left it unfitted
+    # The new weights are found under their own checksum; putting A back gives A's tokens, not B's.
+    sha_b = read_checkpoint_config(path)["weights_sha256"]
+    assert LQAETokenizer(path, output="ids").fit()._weights_sha256 == sha_b != config_a["weights_sha256"]
+    save_checkpoint(fitted.model_, path)
+    np.testing.assert_array_equal(LQAETokenizer(path, output="ids").fit().transform(images), expected_a)
+
+
+def test_the_model_caches_import_no_circle_and_clear_together():
+    """_loading and llm._cache both build on _model_cache, which imports nothing of the package; clearing
+    goes through the registry, not through an import of llm."""
+    root = Path(_loading.__file__).parent
+
+    def imports(relative: str, package: str) -> set:
+        names = set()
+        for node in ast.walk(ast.parse((root / relative).read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                names.add(".".join(base + ([node.module] if node.module else [])))
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        return names
+
+    loading = imports("_loading.py", "lqae_sklearn")
+    llm_cache = imports("llm/_cache.py", "lqae_sklearn.llm")
+    assert not any(name.startswith("lqae_sklearn.llm") for name in loading), loading
+    assert "lqae_sklearn._loading" not in llm_cache, llm_cache
+    bottom = imports("_model_cache.py", "lqae_sklearn")
+    assert "lqae_sklearn._model_cache" in loading and "lqae_sklearn._model_cache" in llm_cache
+    assert not any(name.startswith("lqae_sklearn") for name in bottom), bottom
+
+    from lqae_sklearn.llm import _cache as llm_cache_module
+
+    scratch = ModelCache(max_items=1)
+    caches = (LQAE_MODELS, _loading.LANGUAGE_MODELS, llm_cache_module.LOADED_MODELS, scratch)
+    for cache in caches:
+        cache.get(("test entry",), object)
+    clear_model_cache()
+    assert [("test entry",) in cache for cache in caches] == [False] * len(caches)
+
+
+# -- a failed fit leaves the estimator as it was -----------------------------------------------
+def _failed_fit(case: str, checkpoint, images, tmp_path) -> tuple:
+    """(parameters, X, error, message) of one way for fit to fail."""
+    flat = images.reshape(len(images), -1)
+    if case == "no such checkpoint":
+        return {"checkpoint": tmp_path / "nowhere"}, None, FileNotFoundError, "does not exist"
+    if case == "a folder without a config":
+        (tmp_path / "empty").mkdir()
+        return {"checkpoint": tmp_path / "empty"}, None, CheckpointError, "config.json"
+    if case == "corrupt weights":
+        broken = shutil.copytree(checkpoint, tmp_path / "broken")
+        weights = broken / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        return {"checkpoint": broken}, None, CheckpointError, "truncated or corrupt"
+    if case == "a language model that cannot be loaded":
+        return {"language_model": str(tmp_path / "no-lm")}, None, OSError, "no-lm"
+    if case == "an invalid parameter":
+        return {"output": "pixels"}, None, ValueError, "The 'output' parameter"
+    if case == "an unknown layer (found after loading)":
+        return {"layers": ["lm.99"]}, None, ValueError, "unknown layers"
+    if case == "a token grid beyond the patch grid":
+        return {"token_grid": 8}, None, ValueError, "token_grid must be"
+    if case == "a device this machine lacks":
+        return {"device": "cuda:99"}, None, ValueError, "not available on this machine"
+    if case == "flat rows of the wrong width":
+        return {}, flat[:, :700], ValueError, "700 features per row"
+    if case == "rows holding NaN":
+        return {}, np.full((2, 784), np.nan), ValueError, "NaN"
+    if case == "rows holding a non-number":
+        rows = flat.astype(object)
+        rows[1, 5] = {"not": "a pixel"}
+        return {}, rows, TypeError, r"X\[1, 5\]"
+    if case == "a 5-D array":
+        return {}, np.zeros((2, 1, 28, 28, 1), dtype=np.uint8), ValueError, "expected images"
+    raise AssertionError(case)
+
+
+FAILED_FITS = [
+    "no such checkpoint", "a folder without a config", "corrupt weights", "a language model that cannot be loaded",
+    "an invalid parameter", "an unknown layer (found after loading)", "a token grid beyond the patch grid",
+    "a device this machine lacks", "flat rows of the wrong width", "rows holding NaN", "rows holding a non-number",
+    "a 5-D array",
+]
+
+
+def _fitted_state(tok) -> dict:
+    """Every attribute but the parameters (which set_params changed): the model by identity, the rest by hash."""
+    params = tok.get_params()
+    return {name: id(value) if name == "_model" else joblib.hash(value)
+            for name, value in vars(tok).items() if name not in params}
+
+
+@pytest.mark.parametrize("case", FAILED_FITS)
+def test_a_failed_refit_leaves_the_fitted_state_whole(checkpoint, images, tmp_path, case):
+    params, X, error, message = _failed_fit(case, checkpoint, images, tmp_path)
+    frame = pd.DataFrame(images.reshape(len(images), -1), columns=[f"pixel{i}" for i in range(784)])
+    tok = LQAETokenizer(checkpoint, output="text", batch_size=8).fit(frame)
+    expected = tok.transform(frame)
+    before = _fitted_state(tok)
+    with pytest.raises(error, match=message):
+        tok.set_params(**params).fit(X)
+    assert _fitted_state(tok) == before
+    assert tok.transform(frame) == expected and list(tok.feature_names_in_) == list(frame.columns)
+
+
+@pytest.mark.parametrize("case", FAILED_FITS)
+def test_a_failed_first_fit_leaves_the_estimator_unfitted(checkpoint, images, tmp_path, case):
+    params, X, error, message = _failed_fit(case, checkpoint, images, tmp_path)
+    tok = LQAETokenizer(checkpoint, output="text").set_params(**params)
+    with pytest.raises(error, match=message):
+        tok.fit(X)
+    assert set(vars(tok)) == set(tok.get_params())
+    with pytest.raises(NotFittedError):
+        tok.transform(images)
+
+
+# -- array-likes of rows, and images far from the training data ---------------------------------
+class _ArrayLike:
+    """Neither a list nor an ndarray: only ``__array__``, as scikit-learn's check uses."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __array__(self, dtype=None, copy=None):
+        return self.data if dtype is None else self.data.astype(dtype)
+
+
+def test_array_likes_of_rows_give_what_the_array_gives(checkpoint, images):
+    flat = images.reshape(len(images), -1)
+    tok = LQAETokenizer(checkpoint, output="embeddings", batch_size=4).fit(flat)
+    expected = tok.encode(flat, ("ids", "embeddings"))
+    forms = {
+        "list of lists of ints": flat.tolist(),
+        "tuple of tuples": tuple(tuple(row) for row in flat.tolist()),
+        "list of lists of floats in [0, 1]": (flat / 255.0).tolist(),
+        "object array of ints": flat.astype(object),
+        "object array of numpy uint8 scalars": np.array(list(flat), dtype=object),
+        "object array of floats in [0, 1]": (flat / 255.0).astype(object),
+        "__array__ array-like": _ArrayLike(flat),
+        "__array__ array-like of object dtype": _ArrayLike(flat.astype(object)),
+    }
+    for name, X in forms.items():
+        assert LQAETokenizer(checkpoint, output="ids").fit(X).n_features_in_ == 784, name
+        encoded = tok.encode(X, ("ids", "embeddings"))
+        np.testing.assert_array_equal(encoded["ids"], expected["ids"], err_msg=name)
+        np.testing.assert_array_equal(encoded["embeddings"], expected["embeddings"], err_msg=name)
+    np.testing.assert_array_equal(tok.transform(images.tolist()), expected["embeddings"])  # images as nested lists
+    with pytest.raises(ValueError, match="rows of different lengths"):
+        tok.transform([flat[0].tolist(), flat[1, :700].tolist()])
+    with pytest.raises(TypeError, match=r"X\[1, 3\] is 'dark' \(str\): pixel rows must hold numbers"):
+        tok.transform([flat[0].tolist(), flat[1, :3].tolist() + ["dark"] + flat[1, 4:].tolist()])
+
+
+def test_photos_far_from_the_training_data_are_named_once_per_call(fitted, images):
+    photos = load_sample_images().images  # two 427 x 640 colour photos, shipped with scikit-learn
+    for X in (np.stack(photos), photos):
+        for call in (fitted.transform, lambda X: fitted.encode(X, ("ids",))):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                call(X)
+            said = [w for w in caught if issubclass(w.category, DomainWarning)]
+            assert len(said) == 1, [str(w.message) for w in caught]
+            assert said[0].filename == __file__  # it points at the caller's line
+            message = str(said[0].message)
+            for part in ("2 of 2 images are much larger than 28 x 28", "2 of 2 images are colour", "427 x 640 colour",
+                         "trained on fashion-mnist train, 60,000 images, 28 x 28 grayscale",
+                         "lqae-train --data FOLDER --preset small-rgb"):
+                assert part in message, message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DomainWarning)  # Fashion-MNIST, in any form: not a word
+        for X in (images, list(images), images.reshape(len(images), -1), np.repeat(images[..., None], 3, axis=-1),
+                  [Image.fromarray(image).resize((56, 56)) for image in images]):
+            fitted.transform(X)
 
 
 # -- pickling ------------------------------------------------------------------------------

@@ -344,3 +344,38 @@ def test_resume_refuses_settings_the_checkpoint_would_silently_override(tmp_path
                             ({"model_overrides": {**TINY_OVERRIDES, "mask_ratio": 0.3}}, "model_overrides was")]:
         with reusing(minilm), pytest.raises(ResumeError, match=message):
             train(run_config(run, npy_data, steps=8, resume=True, **change))
+
+
+def test_resume_with_dead_code_restarts_matches_the_uninterrupted_run(tmp_path, npy_data):
+    """k-means initialisation and restarts every 2 unused batches: their state (buffers in the checkpoint) and
+    their random draws (the step's generator) must carry across a crash, or the resumed run drifts."""
+    settings = dict(preset="small-28-vqvae-restarts",
+                    model_overrides={**TINY_OVERRIDES, "codebook_size": 64, "restart_unused_after": 2})
+    straight = tmp_path / "straight"
+    train(run_config(straight, npy_data, **settings))
+    resumed = tmp_path / "resumed"
+    real_save = _trainer._save
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise _Crash("simulated crash after the step-3 checkpoint")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_trainer, "_save", save_then_crash)
+        with pytest.raises(_Crash):
+            train(run_config(resumed, npy_data, **settings))
+    halfway = weights_of(resumed)
+    # What the resumed run must pick up: k-means has run, and some codes are on their way to a restart.
+    assert halfway["quantizer.kmeans_done"] and halfway["quantizer.calls_unused"].max() > 0
+    train(run_config(resumed, npy_data, resume=True, **settings))
+    straight_weights, resumed_weights = weights_of(straight), weights_of(resumed)
+    assert straight_weights.keys() == resumed_weights.keys()
+    for name, tensor in straight_weights.items():
+        torch.testing.assert_close(resumed_weights[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert float((straight_weights["quantizer.codebook"] - halfway["quantizer.codebook"]).abs().max()) > 1e-4
+    straight_log, resumed_log = read_metrics(straight), read_metrics(resumed)
+    assert [r["step"] for r in resumed_log] == [r["step"] for r in straight_log]
+    for a, b in zip(straight_log, resumed_log):
+        for key in ("loss", "codebook_usage", "eval_psnr", "eval_codebook_usage"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)

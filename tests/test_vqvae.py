@@ -114,10 +114,13 @@ def test_nearest_is_the_l2_argmin_not_the_cosine_one():
     assert torch.equal(quantizer.nearest(x), ids)
 
 
-def test_each_loss_term_moves_only_its_side():
-    quantizer = LearnedQuantizer(32, 8)
-    x = torch.randn(2, 5, 8, requires_grad=True)
-    quantized, ids, codebook_loss, commitment = quantizer(x)
+@pytest.mark.parametrize("options", [{}, {"kmeans_init": True, "restart_unused_after": 1}])
+def test_each_loss_term_moves_only_its_side(options):
+    """Also with k-means initialisation and restarts, which act before the search (training mode)."""
+    quantizer = LearnedQuantizer(32, 8, **options)
+    # More latents than codes: k-means over fewer would put every code on a latent, and zero the codebook term.
+    x = torch.randn(8, 10, 8, requires_grad=True)
+    quantized, ids, codebook_loss, commitment = quantizer(x, torch.Generator().manual_seed(0))
     e = quantizer.codebook.detach()[ids]
     torch.testing.assert_close(quantized, e)
     torch.testing.assert_close(codebook_loss, F.mse_loss(x.detach(), e))

@@ -34,6 +34,7 @@ from ._augment import random_resized_crop
 from ._data import EpochOrder, iterate_batches, open_training_data
 from ._report import MetricsLog, code_statistics, psnr, save_grid
 from ._state import has_training_state, load_optimizer, save_optimizer
+from ._step import TrainStep, make_optimizer
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -90,7 +91,11 @@ class TrainConfig:
     bf16 : bool or None, default=None
         Use bf16 autocast; None turns it on for CUDA.
     compile : bool, default=False
-        ``torch.compile`` the encoder, decoder and LM.
+        ``torch.compile`` the training step: the forward pass with its losses as one
+        graph, and its backward pass.
+    compile_mode : str or None, default=None
+        The ``torch.compile`` mode: None (the default mode), ``"reduce-overhead"``
+        (CUDA graphs), ``"max-autotune-no-cudagraphs"`` or ``"max-autotune"``.
     save_every : int, default=500
         Steps between checkpoints (and one at the end).
     log_every : int, default=50
@@ -132,6 +137,7 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool | None = None  # default: on for CUDA
     compile: bool = False
+    compile_mode: str | None = None
     save_every: int = 500
     log_every: int = 50
     num_workers: int = 0
@@ -230,6 +236,7 @@ class _Run:
     device: torch.device
     model: LQAE | VQVAE
     net: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    step: TrainStep  # forward + backward of a micro-batch, eager or compiled
     optimizer: torch.optim.Optimizer
     data: object
     order: EpochOrder
@@ -242,7 +249,7 @@ class _Run:
     out_dir: Path
     ckpt_dir: Path
     sums: torch.Tensor = None  # loss, reconstruction, commitment, mlm over the logging window
-    counts: torch.Tensor = None  # token counts over the logging window
+    counts: torch.Tensor = None  # token counts over the logging window (int64)
     window_start: float = 0.0
     window_steps: int = 0
     last_eval: dict = field(default_factory=dict)
@@ -323,10 +330,7 @@ def _setup(cfg: TrainConfig) -> _Run:
     model.to(device).train()
     if device.type == "cuda" and use_bf16 and model.language_model is not None:
         model.language_model.to(torch.bfloat16)  # frozen: no fp32 master copy needed
-    optimizer = torch.optim.AdamW(
-        model.trainable_parameters(), lr=cfg.peak_lr, betas=tuple(cfg.betas),
-        weight_decay=cfg.weight_decay, fused=device.type == "cuda",
-    )
+    optimizer = make_optimizer(model.trainable_parameters(), cfg.peak_lr, cfg.betas, cfg.weight_decay, device)
     start_step = 0
     if cfg.resume:
         saved = load_optimizer(optimizer, ckpt_dir)
@@ -336,27 +340,25 @@ def _setup(cfg: TrainConfig) -> _Run:
                     f"cannot resume {ckpt_dir}: {key} was {saved['config'].get(key)!r}, now {getattr(cfg, key)!r}"
                 )
         start_step = saved["step"]
-    if cfg.compile:
-        for part in (model.encoder, model.decoder, model.language_model):
-            if part is not None:
-                part.compile()  # in place: parameter names (and checkpoints) stay unchanged
     net = model
     if ddp.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False,  # buffers are constants derived from the frozen LM (a VQVAE has none)
         )
-
+    # The compiled step wraps a function, not the model: parameter names (and checkpoints) stay unchanged.
+    step = TrainStep(net, device.type, bf16=use_bf16, compile=cfg.compile, compile_mode=cfg.compile_mode)
 
     # A resumed log keeps the records up to the checkpoint's step; the run replays the rest exactly.
     log = MetricsLog(out_dir / "metrics.jsonl", start_step if cfg.resume else None) if ddp.main else None
     return _Run(
-        cfg=cfg, ddp=ddp, device=device, model=model, net=net, optimizer=optimizer, data=data, order=order,
+        cfg=cfg, ddp=ddp, device=device, model=model, net=net, step=step, optimizer=optimizer, data=data, order=order,
         batches=iterate_batches(data, order, ddp.rank, start_step, cfg.steps, cfg.num_workers),
         start_step=start_step, eval_images=eval_images, eval_source=eval_source, log=log,
         autocast=torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext(),
         out_dir=out_dir, ckpt_dir=ckpt_dir, sums=torch.zeros(4, device=device),
-        counts=torch.zeros(model.quantizer.vocab_size, device=device), window_start=time.perf_counter(),
+        counts=torch.zeros(model.quantizer.vocab_size, dtype=torch.int64, device=device),
+        window_start=time.perf_counter(),
     )
 
 
@@ -376,7 +378,10 @@ def _check_resume(cfg: TrainConfig, out_dir: Path, ckpt_dir: Path) -> None:
 
 
 def _step(run: _Run, step: int) -> None:
-    """One optimizer step over ``accumulation`` micro-batches, adding its losses and tokens to the window."""
+    """One optimizer step over ``accumulation`` micro-batches, adding its losses and tokens to the window.
+
+    Nothing here reads a device value on the host (``_log`` does, every ``log_every`` steps).
+    """
     cfg = run.cfg
     for group in run.optimizer.param_groups:
         group["lr"] = cfg.lr_at(step)
@@ -385,14 +390,14 @@ def _step(run: _Run, step: int) -> None:
         g = _step_generator(run.device, cfg.seed, step, micro, run.ddp.rank)
         if cfg.augment:
             images = random_resized_crop(images, g, tuple(cfg.crop_scale), hflip=cfg.hflip)
+        mask = run.model.draw_mask(images.shape[0], g)  # drawn after the crops, as the forward pass once did
         sync = micro == cfg.accumulation - 1 or run.ddp.world == 1
-        with run.autocast, (contextlib.nullcontext() if sync else run.net.no_sync()):
-            out = run.net(images, generator=g)
-            (out.loss / cfg.accumulation).backward()
+        with contextlib.nullcontext() if sync else run.net.no_sync():
+            terms, ids = run.step(images, mask, cfg.accumulation, generator=g)
         with torch.no_grad():
-            terms = torch.stack([out.loss, out.reconstruction_loss, out.commitment_loss, out.mlm_loss])
-            run.sums += terms.float() / cfg.accumulation
-            run.counts += torch.bincount(out.ids.flatten(), minlength=run.counts.numel())
+            run.sums += terms / cfg.accumulation
+            # index_add_ rather than bincount, which reads the largest id on the host (a sync on CUDA).
+            run.counts.index_add_(0, ids.flatten(), torch.ones_like(ids.flatten()))
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.window_steps += 1

@@ -7,6 +7,6 @@
 
 from ._batch_encoder import BatchEncoder
 from ._encode_dataset import encode_dataset
-from ._run import EncodeError
+from ._errors import EncodeError
 
 __all__ = ["BatchEncoder", "EncodeError", "encode_dataset"]

@@ -10,7 +10,7 @@ from ._run import EncodeOptions, EncodeRun
 logger = logging.getLogger("lqae_sklearn.encoding")
 
 
-def encode_dataset(images, out, *, checkpoint=None, outputs=("ids", "text"), layers=None, token_grid=None,
+def encode_dataset(images, out, *, checkpoint=None, outputs=("ids", "text"), layers=None, token_grid="auto",
                    labels_from_dirs=False, batch_size=64, device="auto", workers=0, shard=(0, 1),
                    overwrite=False, extensions=(), format=None, engine="local", part_size=4096,
                    ray_address=None, actors=None, progress=False) -> dict:
@@ -34,8 +34,12 @@ def encode_dataset(images, out, *, checkpoint=None, outputs=("ids", "text"), lay
         What each row holds.
     layers : str, default=None
         Comma-separated layer names (or a shortcut) for the embeddings.
-    token_grid : int, default=None
-        Coarser G x G tokens per image.
+    token_grid : "auto", int or None, default="auto"
+        Side of the token grid, for every field of a row. ``"auto"`` follows
+        ``LQAETokenizer``'s rule for the row's tokens: the grid the checkpoint
+        recommends for text (3 x 3 for the packaged one) when ``outputs`` holds
+        ``"text"``, as ``LQAETokenizer(output="text")`` writes it, else one token
+        per patch; None is one token per patch; an int ``G``, G x G tokens.
     labels_from_dirs : bool, default=False
         Add ``label``, the name of the folder holding each image.
     batch_size : int, default=64

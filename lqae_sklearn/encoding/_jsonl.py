@@ -80,7 +80,10 @@ class JsonlAppender:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if path is not None else None
 
     def append(self, records) -> None:
-        data = dumps_lines(records)
+        self.append_lines(dumps_lines(records))
+
+    def append_lines(self, data: bytes) -> None:
+        """Append complete lines (``dumps_lines`` output) in one write, then fsync."""
         if not data:
             return
         if self._fd is None:

@@ -1,20 +1,21 @@
-"""The Ray Data engine: decoding in CPU tasks, encoding in an actor pool, parts committed by the actors.
+"""The Ray Data engine: decoding in CPU tasks, encoding in an actor pool that stages parts for the driver.
 
 The pending images are cut into *parts* of ``part_size`` images. A part is the unit
-of everything here - one decode task, one actor call, one Parquet file - so that
-each file is committed whole or not at all, by whichever worker finishes it:
+of everything here - one decode task, one actor call, one Parquet file:
 
 1. ``map(decode_part)``: CPU tasks run the same hardened decoder as the local engine
    (``decode_file``), so a bad file becomes an error record, never a failed task.
 2. ``map_batches(PartEncoder)``: actors hold the model once each (``num_gpus=1``
-   when the cluster has GPUs), encode a part's good images and commit its rows as
-   ``OUT/part-RRRRR-SSSSSS.parquet`` (write to a hidden name, fsync, rename).
-3. The driver only counts: each actor call returns the part's paths and errors.
+   when the cluster has GPUs), encode a part's good images and stage its rows in
+   the run's staging folder (:func:`~._parquet.stage_part`); they never make
+   anything visible.
+3. The driver receives each part's paths and errors and commits the part (a
+   rename, after the run fence), as it does for the local engine.
 
 Exactly once: a part's name is fixed before it is scheduled, so a task or actor that
-Ray retries after a worker died rewrites the same file with the same rows. A rerun
-after the driver was killed reads the paths already in committed parts and cuts the
-rest into parts under a new run number, so names never collide.
+Ray retries after a worker died stages the same file with the same rows. A worker of
+a killed driver can only write into its own run's staging folder, which the rerun
+removes and never reads (see :mod:`._parquet`).
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 
 import numpy as np
 
 from ._decode import decode_file
-from ._outputs import RUN_FILE, commit_part
-from ._records import EncodedBatch
-from ._run import EncodeError, load_tokenizer
+from ._encoder import encode_images, load_tokenizer
+from ._errors import EncodeError
+from ._parquet import stage_part
+from ._records import EncodedPart
 
 
 def decode_part(row: dict, preprocessing: dict) -> dict:
@@ -43,45 +44,34 @@ def decode_part(row: dict, preprocessing: dict) -> dict:
             images.append(array)
     size = preprocessing["image_size"]
     empty = np.zeros((0, size, size) if preprocessing["color_mode"] == "L" else (0, size, size, 3), np.uint8)
-    return {"part": row["part"], "run": row["run"], "paths": paths, "reasons": reasons,
+    return {"part": row["part"], "paths": paths, "reasons": reasons,
             "images": np.stack(images) if images else empty}
 
 
 class PartEncoder:
-    """A Ray Data actor: the model, loaded once, encoding whole parts and committing them."""
+    """A Ray Data actor: the model, loaded once, encoding whole parts and staging them for the driver."""
 
-    def __init__(self, tokenizer_params: dict, outputs, with_labels: bool, folder: str):
+    def __init__(self, tokenizer_params: dict, outputs, with_labels: bool, staging_dir: str):
         self.tokenizer = load_tokenizer(tokenizer_params)
         _ = self.tokenizer.model_  # load the weights now, not inside the first part's time
         self.outputs = tuple(outputs)
         self.with_labels = with_labels
-        self.folder = folder
+        self.staging_dir = staging_dir
 
     def __call__(self, batch: dict) -> dict:
         summaries = {"part": [], "encoded": [], "errors": []}
         for i in range(len(batch["part"])):
+            name = str(batch["part"][i])
             paths = [bytes(p) for p in batch["paths"][i]]
             reasons = [str(r) for r in batch["reasons"][i]]
             good = [os.fsdecode(p) for p, r in zip(paths, reasons) if not r]
             if good:
-                encoded = self.tokenizer.encode(np.asarray(batch["images"][i]), outputs=self.outputs)
-                if not self._still_current(int(batch["run"][i])):
-                    raise RuntimeError(f"{self.folder}: a newer run has started; this part is not committed")
-                commit_part(EncodedBatch(good, encoded, self.with_labels).table(),
-                            os.path.join(self.folder, str(batch["part"][i])))
-            summaries["part"].append(str(batch["part"][i]) if good else "")
+                rows = encode_images(self.tokenizer, good, batch["images"][i], self.outputs, self.with_labels)
+                stage_part(self.staging_dir, name, rows.table())
+            summaries["part"].append(name if good else "")  # "" for a part with no good image: no file
             summaries["encoded"].append([os.fsencode(p) for p in good])
             summaries["errors"].append(json.dumps([[p.hex(), r] for p, r in zip(paths, reasons) if r]))
         return summaries
-
-    def _still_current(self, run: int) -> bool:
-        # A worker of a killed driver that is still finishing a part must not commit
-        # it after a new run has read which images are done.
-        try:
-            with open(os.path.join(self.folder, RUN_FILE)) as f:
-                return int(f.read()) == run
-        except (OSError, ValueError):
-            return False
 
 
 def _decode_memory(preprocessing: dict, part_size: int) -> int:
@@ -121,56 +111,50 @@ def _join_cluster(address: str | None) -> None:
             raise EncodeError(f"cannot connect to the Ray cluster at {address!r} ({exc})", "--ray-address") from exc
 
 
-def encode_on_ray(run, pending) -> None:
-    """Encode ``pending`` items of ``run`` (an :class:`EncodeRun`) on a Ray cluster."""
-    _check_tokenizer_params(run.tokenizer_params())
-    _join_cluster(run.opts.ray_address)
+def encode_on_ray(pending, *, part_names, staging_dir, preprocessing: dict, tokenizer_params: dict, outputs,
+                  with_labels: bool, part_size: int, ray_address: str | None, actors: int | None):
+    """Join the cluster and plan the parts of ``pending``; returns an iterator of :class:`EncodedPart`, one
+    per part as the cluster stages it, for the caller to commit.
+
+    ``part_names`` gives the next part's name (called once per part, before anything is scheduled). The
+    cluster is joined here, before the caller installs its signal handlers (``ray.init`` installs its own).
+    """
+    _check_tokenizer_params(tokenizer_params)
+    _join_cluster(ray_address)
     import ray
     import ray.data
 
-    output, opts = run.output, run.opts
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", 0))
-    actors = opts.actors or (gpus if gpus else max(1, cpus // 2))
+    actors = actors or (gpus if gpus else max(1, cpus // 2))
     if not gpus and actors >= cpus:  # each CPU actor holds a CPU for good: decode tasks would never run
         fix = f"use --actors {cpus - 1} or fewer" if cpus >= 2 else "give the cluster at least 2 CPUs"
         raise EncodeError(f"{actors} encoder actor(s) would take all {cpus} CPUs of the Ray cluster and leave "
                           f"none for decoding; {fix}", "--actors")
-    part_run = output.run
-    parts = [
-        {"part": output.part_path(part_run, number).name, "run": part_run,
-         "paths": [os.fsencode(item.path) for item in pending[start : start + opts.part_size]]}
-        for number, start in enumerate(range(0, len(pending), opts.part_size))
-    ]
+    parts = [{"part": part_names(), "paths": [os.fsencode(item.path) for item in pending[start : start + part_size]]}
+             for start in range(0, len(pending), part_size)]
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     dataset = (
         ray.data.from_items(parts, override_num_blocks=len(parts))
-        .map(decode_part, fn_kwargs={"preprocessing": run.preprocessing}, num_cpus=1,
-             memory=_decode_memory(run.preprocessing, opts.part_size))
+        .map(decode_part, fn_kwargs={"preprocessing": preprocessing}, num_cpus=1,
+             memory=_decode_memory(preprocessing, part_size))
         .map_batches(
             PartEncoder, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=1 if gpus else 0, num_cpus=1 if not gpus else None,
-            fn_constructor_kwargs={"tokenizer_params": run.tokenizer_params(), "outputs": opts.outputs,
-                                   "with_labels": opts.labels_from_dirs, "folder": os.fspath(output.out)},
+            fn_constructor_kwargs={"tokenizer_params": tokenizer_params, "outputs": outputs,
+                                   "with_labels": with_labels, "staging_dir": os.fspath(staging_dir)},
         )
     )
-    bar = run.progress_bar(len(pending))
-    previous = {s: signal.signal(s, run.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for summary in dataset.iter_rows():
-            encoded = [bytes(p) for p in summary["encoded"]]
-            failures = [(os.fsdecode(bytes.fromhex(p)), reason) for p, reason in json.loads(summary["errors"])]
-            run.encoded(encoded)
-            run.failed(failures)
-            if summary["part"]:  # "" for a part with no good image: it wrote no file
-                output.part_committed(summary["part"], len(encoded))
-            bar.update(len(encoded) + len(failures))
-            if run.stop_signal is not None:
-                break
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        bar.close()
+    return _staged_parts(dataset)
+
+
+def _staged_parts(dataset):
+    for summary in dataset.iter_rows():
+        yield EncodedPart(
+            keys=[bytes(p) for p in summary["encoded"]],
+            failures=[(os.fsdecode(bytes.fromhex(p)), reason) for p, reason in json.loads(summary["errors"])],
+            staged=summary["part"] or None,
+        )

@@ -1,10 +1,14 @@
-"""One batch of encoded images as output rows: JSON records or an Arrow table.
+"""One batch of encoded images as output rows (JSON records or an Arrow table), and what an engine
+hands the driver to commit.
 
 Both output formats are built from the same columns, so a JSONL file and a Parquet
 folder written from the same images hold the same values.
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -32,6 +36,11 @@ class EncodedBatch:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def keys(self) -> list[bytes]:
+        """The exact path bytes of each row."""
+        return [os.fsencode(path) for path in self.paths]
 
     def records(self) -> list[dict]:
         """One JSON-ready dict per image (the JSONL format)."""
@@ -70,3 +79,19 @@ class EncodedBatch:
                 matrix = np.ascontiguousarray(values, dtype=dtype)
                 columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
         return pa.table(columns)
+
+
+@dataclass
+class EncodedPart:
+    """What an engine hands the driver, the only process that commits rows to OUT.
+
+    Either ``batch`` holds the rows (the local engine: the output writes them) or
+    ``staged`` names a Parquet part a worker already wrote into this run's staging
+    folder (Ray); ``keys`` are the images whose rows these are, ``failures`` the
+    ``(path, reason)`` of the files that could not be encoded.
+    """
+
+    keys: list = field(default_factory=list)
+    failures: list = field(default_factory=list)
+    batch: EncodedBatch | None = None
+    staged: str | None = None

@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._loading import ModelCache
+from .._model_cache import ModelCache
 
 EMBEDDED_LLM = "gemma-3-270m"
 _MARKER = "lqae-sklearn-conversion.json"

@@ -52,6 +52,28 @@ class TokenAutoencoder(nn.Module):
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
+    def draw_mask(self, batch: int, generator=None, mask_ratio: float | None = None) -> torch.Tensor | None:
+        """The tokens to hide from the model in training (B, n_tokens), or None where nothing is hidden.
+
+        A training step draws it before the forward pass (outside a compiled graph) and
+        passes it as ``mask=``; this base has no language model and masks nothing.
+
+        Parameters
+        ----------
+        batch : int
+            Images in the batch.
+        generator : torch.Generator or None, default=None
+            Source of the draw.
+        mask_ratio : float or None, default=None
+            Fraction of tokens to mask; None is the config's in training mode.
+
+        Returns
+        -------
+        None
+            Nothing to mask.
+        """
+        return None
+
     # -- inference -------------------------------------------------------------------
     def encode(self, images: torch.Tensor, token_grid: int | None = None) -> torch.Tensor:
         """Images (B, C, H, W) in [0, 1] -> token ids (B, T), row-major over the patch grid.

@@ -22,6 +22,10 @@ DEFAULT_LANGUAGE_MODEL = "all-MiniLM-L6-v2"
 #: official run's effective value in the same sense (0.005 counted twice).
 VQVAE_COMMITMENT_WEIGHT = 0.5
 
+#: The ``"small-28-vqvae-restarts"`` preset's ``restart_unused_after``: a code that none of
+#: 50 batches of 512 x 49 latents (1.25 M) chose is dead.
+RESTART_UNUSED_AFTER = 50
+
 
 @dataclass
 class LQAEConfig:
@@ -91,6 +95,31 @@ class LQAEConfig:
     codebook_size : int, default=1024
         Rows of the learned codebook (the official ``vqae.py`` default); only used
         with ``codebook="learned"``.
+    search_dim : int, default=0
+        The official code's ``quantizer_latent_dim`` (0, off, in its README run):
+        with ``search_dim > 0`` the nearest word is searched, by cosine, between
+        two learned linear maps to ``search_dim`` dimensions, one of the encoder
+        output and one of the word rows (:class:`ProjectedLanguageQuantizer`).
+        The chosen word's raw embedding row still goes to the LM; the maps are
+        trained by their own commitment and codebook terms only.
+        ``codebook="language"`` only.
+    codebook_map : bool, default=False
+        SimVQ-style (Zhu et al., arXiv 2411.02038), for the search only: the
+        nearest word is searched, by cosine, between the encoder output as it is
+        and a learned linear map of the frozen word rows, initialised to the
+        identity and trained by the same terms as ``search_dim``'s maps (one map
+        moves every row, chosen or not). The LM reads the raw row.
+        ``codebook="language"`` only; not with ``search_dim``. Not in the
+        official code: off by default.
+    kmeans_init : bool, default=False
+        Set the learned codebook, before the first training step, to k-means
+        centroids of that step's encoder outputs (:class:`LearnedQuantizer`).
+        ``codebook="learned"`` only; off in the official VQ-VAE.
+    restart_unused_after : int, default=0
+        Re-seed every learned code that no encoder output chose in this many
+        consecutive training batches with an encoder output of the current
+        batch (a dead-code restart); 0 never restarts, as the official VQ-VAE.
+        ``codebook="learned"`` only.
 
     Examples
     --------
@@ -121,6 +150,11 @@ class LQAEConfig:
     # Checkpoints written before these two fields existed load with these defaults: an LQAE.
     codebook: Literal["language", "learned"] = "language"
     codebook_size: int = 1024
+    # Checkpoints written before these four fields existed load with these defaults: all off.
+    search_dim: int = 0
+    codebook_map: bool = False
+    kmeans_init: bool = False
+    restart_unused_after: int = 0
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -145,6 +179,25 @@ class LQAEConfig:
             raise ValueError(f"codebook must be 'language' or 'learned', got {self.codebook!r}")
         if isinstance(self.codebook_size, bool) or not isinstance(self.codebook_size, int) or self.codebook_size < 1:
             raise ValueError(f"codebook_size must be an int >= 1, got {self.codebook_size!r}")
+        for name in ("search_dim", "restart_unused_after"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        for name in ("codebook_map", "kmeans_init"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.codebook_map and self.codebook != "language":
+            raise ValueError("codebook_map=True needs codebook='language' (a map over the frozen word rows); "
+                             "a learned codebook moves its rows itself")
+        if self.codebook_map and self.search_dim:
+            raise ValueError(f"codebook_map=True and search_dim={self.search_dim} are two searches: choose one")
+        if self.search_dim and self.codebook != "language":
+            raise ValueError(f"search_dim={self.search_dim} needs codebook='language' (the LQAE's frozen word rows); "
+                             f"it is not implemented for codebook={self.codebook!r}")
+        for name in ("kmeans_init", "restart_unused_after"):
+            if getattr(self, name) and self.codebook != "learned":
+                raise ValueError(f"{name}={getattr(self, name)!r} needs codebook='learned': "
+                                 f"the LQAE's codebook is the frozen LM's, never moved")
 
     @property
     def grid_size(self) -> int:
@@ -195,6 +248,16 @@ PRESETS: dict[str, dict] = {
         codebook="learned", codebook_size=1024, commitment_weight=VQVAE_COMMITMENT_WEIGHT,
         mask_ratio=0.0, mlm_weight=0.0, normalize_latents=False,
     ),
+    # The VQ-VAE baseline with the standard remedies for a collapsing codebook, not in the official code:
+    # k-means initialisation from the first batch and dead-code restarts after RESTART_UNUSED_AFTER batches.
+    "small-28-vqvae-restarts": dict(
+        image_size=28, in_channels=1, patch_size=4,
+        encoder_dim=256, encoder_depth=4, encoder_heads=4,
+        decoder_dim=256, decoder_depth=4, decoder_heads=4,
+        codebook="learned", codebook_size=1024, commitment_weight=VQVAE_COMMITMENT_WEIGHT,
+        mask_ratio=0.0, mlm_weight=0.0, normalize_latents=False,
+        kmeans_init=True, restart_unused_after=RESTART_UNUSED_AFTER,
+    ),
     # 64-128 px RGB: 64 px with patch 8 gives 64 tokens; override image_size=128
     # (and patch_size=16) for larger inputs.
     "small-rgb": dict(
@@ -211,7 +274,7 @@ def preset_config(name: str, **overrides) -> LQAEConfig:
 
     Parameters
     ----------
-    name : {"paper", "small-28", "small-28-vqvae", "small-rgb"}
+    name : {"paper", "small-28", "small-28-vqvae", "small-28-vqvae-restarts", "small-rgb"}
         The preset (see :data:`PRESETS`).
     **overrides
         :class:`LQAEConfig` fields to change.

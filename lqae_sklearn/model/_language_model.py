@@ -8,6 +8,7 @@ and loads with no network.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 from functools import cached_property
@@ -16,10 +17,14 @@ import torch
 from torch import nn
 
 from ._config import DEFAULT_LANGUAGE_MODEL
+from ._linear_cross_entropy import linear_cross_entropy
 
 _EMBEDDED_ALIASES = {DEFAULT_LANGUAGE_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
 # BERT vocabularies reserve "[unused17]"-style rows that never occur in text.
 _UNUSED_TOKEN = re.compile(r"^\[unused\d+\]$|^<unused\d+>$")
+#: PyTorch's fused attention (flash / memory-efficient kernels on CUDA); its outputs equal the
+#: eager attention's within float rounding (tests/test_training_step.py).
+ATTENTION = "sdpa"
 
 
 def resolve_language_model(name_or_path: str) -> str:
@@ -81,6 +86,11 @@ class FrozenLanguageModel(nn.Module):
         # Use the checkpoint's MLM head when it has trained weights for one; else
         # tie the output projection to the (frozen) input embeddings.
         self.mlm_head = heads[0] if has_trained_head and len(heads) == 1 else None
+        # The MLM loss projects onto the vocabulary a chunk of rows at a time, so it needs the head
+        # as transform + output projection (None: a head of another shape, which mlm_loss refuses).
+        projection = masked_lm.get_output_embeddings()
+        self.mlm_transform = _mlm_transform(self.mlm_head, projection)
+        self.mlm_projection = projection if self.mlm_transform is not None else None
         self.name = name
         self.tokenizer = tokenizer
         self.requires_grad_(False)
@@ -102,7 +112,9 @@ class FrozenLanguageModel(nn.Module):
         try:
             # float32 whatever the stored precision: CPU kernels want one dtype, and
             # training casts to bf16 under autocast where that pays.
-            masked_lm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
+            masked_lm, info = AutoModelForMaskedLM.from_pretrained(
+                path, output_loading_info=True, dtype=torch.float32, attn_implementation=ATTENTION,
+            )
             tokenizer = AutoTokenizer.from_pretrained(path)
         except OSError as exc:
             raise OSError(
@@ -134,7 +146,7 @@ class FrozenLanguageModel(nn.Module):
         """
         from transformers import AutoModelForMaskedLM
 
-        return cls(AutoModelForMaskedLM.from_config(hf_config), name, tokenizer=None)
+        return cls(AutoModelForMaskedLM.from_config(hf_config, attn_implementation=ATTENTION), name, tokenizer=None)
 
     # -- what the autoencoder uses -------------------------------------------------
     @property
@@ -248,3 +260,50 @@ class FrozenLanguageModel(nn.Module):
             return self.mlm_head(hidden)
         return hidden @ self.codebook.to(hidden.dtype).T
 
+    def mlm_loss(self, hidden: torch.Tensor, targets: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
+        """Weighted MLM cross-entropy of hidden states (N, D), never holding all (N x vocab) logits.
+
+        Equal to ``(row_weights * F.cross_entropy(self.mlm_logits(hidden).float(), targets,
+        reduction="none")).sum()`` within float rounding; the vocabulary projection runs a chunk
+        of rows at a time (:func:`linear_cross_entropy`).
+
+        Parameters
+        ----------
+        hidden : torch.Tensor
+            Hidden states (N, D).
+        targets : torch.Tensor
+            The right token id of each row (N,).
+        row_weights : torch.Tensor
+            Each row's weight (N,): ``1 / n`` for a mean over n rows, 0 to leave a row out.
+
+        Returns
+        -------
+        torch.Tensor
+            The weighted sum, a float32 scalar.
+        """
+        if self.mlm_head is None:
+            return linear_cross_entropy(hidden, self.codebook, None, targets, row_weights)
+        if self.mlm_transform is None:
+            raise NotImplementedError(
+                f"the MLM head of {self.name!r} ({type(self.mlm_head).__name__}) does not end in its output "
+                f"embeddings, so the MLM loss cannot project it a chunk of rows at a time"
+            )
+        projection = self.mlm_projection
+        return linear_cross_entropy(self.mlm_transform(hidden), projection.weight, projection.bias, targets,
+                                    row_weights)
+
+
+def _mlm_transform(head: nn.Module | None, projection: nn.Module | None) -> nn.Module | None:
+    """``head`` without its output projection, sharing the head's weights; None unless
+    ``head(x) == projection(transform(x))`` (checked on a probe)."""
+    if head is None or projection is None or not any(m is projection for m in head.modules()):
+        return None
+    # A copy of the head's modules in which the projection is the identity; parameters and buffers
+    # are the head's own objects (the memo hands them back), so dtype and device moves reach both.
+    shared = {id(t): t for t in (*head.parameters(), *head.buffers())}
+    transform = copy.deepcopy(head, memo={**shared, id(projection): nn.Identity()})
+    weight = projection.weight
+    probe = torch.randn(2, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight)
+    with torch.no_grad():
+        same = torch.allclose(projection(transform(probe)), head(probe), rtol=1e-4, atol=1e-5)
+    return transform if same else None

@@ -62,7 +62,8 @@ class VQVAE(TokenAutoencoder):
         c = config
         # As the official baseline, the encoder's output goes to the quantizer as it is: codes are encoder_dim wide.
         self.encoder, decoder = vit_encoder_decoder(c, c.encoder_dim)
-        self.quantizer = LearnedQuantizer(c.codebook_size, c.encoder_dim)
+        self.quantizer = LearnedQuantizer(c.codebook_size, c.encoder_dim, kmeans_init=c.kmeans_init,
+                                          restart_unused_after=c.restart_unused_after)
         self.decoder = decoder
 
     # -- the trained part ------------------------------------------------------------
@@ -72,7 +73,9 @@ class VQVAE(TokenAutoencoder):
         Returns
         -------
         dict of str to torch.Tensor
-            The trained parameters and buffers, by name (the codebook is ``quantizer.codebook``).
+            The trained parameters and buffers, by name (the codebook is
+            ``quantizer.codebook``; with k-means initialisation or restarts, their
+            state is ``quantizer.kmeans_done`` and ``quantizer.calls_unused``).
         """
         return dict(self.state_dict())
 
@@ -106,7 +109,9 @@ class VQVAE(TokenAutoencoder):
         mask_ratio : float or None, default=None
             Ignored (nothing is masked without an LM); accepted for the LQAE's interface.
         generator : torch.Generator or None, default=None
-            Ignored: the pass draws no random numbers.
+            Source of the latents that the k-means initialisation and the
+            dead-code restarts draw in training mode (``kmeans_init``,
+            ``restart_unused_after``), for exact resumption; otherwise unused.
 
         Returns
         -------
@@ -117,7 +122,7 @@ class VQVAE(TokenAutoencoder):
         """
         c = self.config
         z = self.encoder(images)
-        q, ids, codebook_loss, commitment = self.quantizer(z)
+        q, ids, codebook_loss, commitment = self.quantizer(z, generator)
         reconstruction = self.decoder(q)
         recon_loss = F.mse_loss(reconstruction.float(), images.float())
         loss = recon_loss + codebook_loss + c.commitment_weight * commitment
