@@ -33,6 +33,13 @@ by --seed) are given to every method:
   pixels    non-LLM baseline: nearest class mean of raw pixels (squared L2)
 Each cell prints the mean accuracy over episodes ± the half-width of its
 95% confidence interval (Student t over per-episode accuracies).
+Every support image of an episode is a demonstration; --orders N scores
+each query under up to N orders of them (a cost of N). --calibration batch
+subtracts each name's mean score over the episode's queries, which come in
+equal numbers per class: an answer depends on the other queries, and in a
+2-way episode with --queries 1 the two answers always differ (but for an
+exact tie), so its accuracy uses what the protocol tells it (docs/benchmarks.md, "Few-shot
+options").
 
 \b
 SOURCE is "fashion-mnist" (its test split, from fetch_fashion_mnist: the

@@ -86,6 +86,13 @@ def test_help_explains_protocol_and_exit_status():
         assert text in result.stdout
 
 
+def test_help_says_batch_calibration_reads_the_other_queries():
+    help_text = " ".join(run_fewshot("--help").stdout.split())  # click rewraps the epilog
+    assert "--orders N scores each query under up to N orders" in help_text
+    assert "an answer depends on the other queries" in help_text
+    assert "in a 2-way episode with --queries 1 the two answers always differ" in help_text
+
+
 @pytest.mark.parametrize("case", ["missing", "file", "one-class", "too-few", "loose-image", "bad-image"])
 def test_unusable_source_exits_2_with_a_clear_message(tmp_path, case):
     source = tmp_path / "data"
