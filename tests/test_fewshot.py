@@ -588,6 +588,20 @@ def test_batch_calibration_subtracts_each_classs_mean_over_the_batch(scoring):
         clf.predict(X[:1])
 
 
+def test_batch_calibration_gives_two_queries_of_two_classes_opposite_answers():
+    # The docstring's warning, checked: with two classes, the calibrated score differences of two queries predicted
+    # together are d and -d, so their answers differ whatever their true classes (unless d = 0).
+    X, y = _data(classes=("dax", "blicket"))
+    clf = _tiny(label_scoring="channel", calibration="batch").fit(X, y)
+    plain = clone(clf).set_params(calibration=None).fit(X, y)
+    same_class = X[y == "dax"][:2]
+    raw = plain.decision_function(same_class)
+    scores = clf.decision_function(same_class)
+    np.testing.assert_allclose(scores, [(raw[0] - raw[1]) / 2, (raw[1] - raw[0]) / 2], rtol=1e-9, atol=1e-12)
+    assert raw[0] != raw[1]
+    assert set(clf.predict(same_class)) == {"dax", "blicket"}  # one of the two is wrong, by construction
+
+
 # -- demonstrations nearest to each query ----------------------------------------------------------------------------
 def _brute_force_nearest(train, y, classes, query, k):
     """Per class, the k training texts of highest cosine similarity of TF-IDF vectors (smooth idf, l2)."""
