@@ -2,7 +2,8 @@
 
 Ten Fashion-MNIST classes, named with the ten nonsense words of the episodes (dax, blicket, ...). The labelled pool is the first ``P`` training images of each class (``--per-class``,
 e.g. 20 and 50); the queries are ``--queries`` test images, as many per class, drawn with ``--seed``. Every method
-sees the same pool and queries:
+sees the same pool and queries (the first ``--queries / 10`` of each class's test images in an order fixed by
+``--seed``, so the queries of a smaller run are among those of a larger one):
 
 * ``random``: ``LLMFewShotClassifier(demonstrations="random")`` (embedded Gemma 3 270M, the classifier's defaults
   otherwise, ``random_state=--seed``): the same ``n_examples_per_class`` random images of each class for every query;
@@ -84,9 +85,13 @@ def main(argv=None):
     train_pixels = train_images[train_index].reshape(len(train_index), -1) / 255.0
     rng = np.random.default_rng(args.seed)
     classes = np.unique(test_y)
+    if args.queries % len(classes):
+        parser.error(f"--queries {args.queries}: give a multiple of {len(classes)} (as many queries per class)")
     per_query_class = args.queries // len(classes)
-    query = np.sort(np.concatenate([rng.choice(np.flatnonzero(test_y == c), per_query_class, replace=False)
-                                    for c in classes]))
+    # Each class's test images in one seeded order, whatever --queries: a run with more queries holds every query
+    # of a run with fewer, so it reuses their cached scores (a run can grow to the 500 queries step by step).
+    shuffled = [rng.permutation(np.flatnonzero(test_y == c)) for c in classes]
+    query = np.sort(np.concatenate([order[:per_query_class] for order in shuffled]))
     # Nonsense names, as in the episodes: the LLM must bind them from the demonstrations.
     names = np.array(NONSENSE_LABELS[: len(classes)], dtype=object)
     test_y, train_y = names[np.searchsorted(classes, test_y)], names[np.searchsorted(classes, train_y)]
