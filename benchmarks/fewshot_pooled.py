@@ -126,8 +126,11 @@ def main(argv=None):
                 print(f"{method}, {per_class} per class: {min(begin + args.chunk, len(query_texts))}/"
                       f"{len(query_texts)} queries, {time.perf_counter() - started:.0f} s", file=sys.stderr,
                       flush=True)
-            predicted = clf.predict(query_texts)  # one call: batch calibration sees every query
+            # The chunks above used every score once: that is the method's charge. predict reads them all again
+            # from the cache (one call, so that batch calibration sees every query); it must not charge them twice.
             seconds = backend.meter["seconds"].pop(backend.meter["name"], 0.0)
+            predicted = clf.predict(query_texts)
+            backend.meter["seconds"].pop(backend.meter["name"], 0.0)
             rows.append(_row(per_class, method, predicted, query_y, seconds / len(query_texts),
                              time.perf_counter() - tic, params=clf.get_params() | {"llm": "embedded Gemma 3 270M"}))
             write(args, argv, rows)
