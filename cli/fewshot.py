@@ -33,6 +33,13 @@ by --seed) are given to every method:
   pixels    non-LLM baseline: nearest class mean of raw pixels (squared L2)
 Each cell prints the mean accuracy over episodes ± the half-width of its
 95% confidence interval (Student t over per-episode accuracies).
+Every support image of an episode is a demonstration; --orders N scores
+each query under up to N orders of them (a cost of N). --calibration batch
+subtracts each name's mean score over the episode's queries, which come in
+equal numbers per class: an answer depends on the other queries, and in a
+2-way episode with --queries 1 the two answers always differ (but for an
+exact tie), so its accuracy uses what the protocol tells it (docs/benchmarks.md, "Few-shot
+options").
 
 \b
 SOURCE is "fashion-mnist" (its test split, from fetch_fashion_mnist: the
@@ -146,9 +153,15 @@ def _check_pool(labels, ways, shots, n_query, source) -> None:
                    "packaged one].")
 @click.option("--instruction", default=None, metavar="TEXT",
               help='Task line before the demonstrations, e.g. "Answer with one of: {labels}." [default: none].')
-@click.option("--calibrate/--no-calibrate", default=False, show_default=True,
-              help='Contextual calibration: divide each query\'s label probabilities by those the LLM gives '
-                   'after an empty input "" (one more query per episode; removes a preference for one label).')
+@click.option("--orders", "n_orders", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Score each query under up to N orders of the demonstrations and average (all orders when "
+                   "they are at most N, else rotations; LLMFewShotClassifier(n_orders=N)) [default: the "
+                   "classifier's].")
+@click.option("--calibration", type=click.Choice(["none", "content_free", "batch"]), default=None,
+              help="Remove the LLM's label prior: content_free subtracts the scores of the inputs \"N/A\", \"\" "
+                   "and \"[MASK]\"; batch subtracts each label's mean score over the episode's queries, so a "
+                   "query's answer depends on the others (LLMFewShotClassifier(calibration=...)) [default: the "
+                   "classifier's].")
 @click.option("--max-tokens-per-item", type=click.IntRange(min=1), default=None, metavar="T",
               help="Keep only the first T tokens of each image [default: all].")
 @click.option("--device", default=None,
@@ -158,7 +171,7 @@ def _check_pool(labels, ways, shots, n_query, source) -> None:
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar over episodes [default: only when stderr is a terminal].")
 def cli(source, ways, shots, queries, episodes, seed, methods, checkpoint, llm, scoring, token_grid, instruction,
-        calibrate, max_tokens_per_item, device, json_path, progress):
+        n_orders, calibration, max_tokens_per_item, device, json_path, progress):
     """Few-shot image classification with LQAE tokens and an LLM; prints an accuracy table.
 
     SOURCE is "fashion-mnist" or a folder of class subfolders (see below).
@@ -166,7 +179,7 @@ def cli(source, ways, shots, queries, episodes, seed, methods, checkpoint, llm, 
     try:
         code = run(source, ways=ways or (2, 5), shots=shots or (1, 5), n_query=queries, n_episodes=episodes,
                    seed=seed, methods=methods, checkpoint=checkpoint, llm=llm, scoring=scoring,
-                   token_grid=token_grid, instruction=instruction, calibrate=calibrate,
+                   token_grid=token_grid, instruction=instruction, n_orders=n_orders, calibration=calibration,
                    max_tokens_per_item=max_tokens_per_item, device=device,
                    json_path=json_path, progress=progress)
     except UsageProblem as exc:
@@ -179,7 +192,7 @@ def cli(source, ways, shots, queries, episodes, seed, methods, checkpoint, llm, 
 
 
 def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, llm, scoring, token_grid,
-        instruction, calibrate, max_tokens_per_item, device, json_path, progress) -> int:
+        instruction, n_orders, calibration, max_tokens_per_item, device, json_path, progress) -> int:
     """Load SOURCE, encode it once, run the grid and print the table; returns the exit status."""
     from lqae_sklearn.model import CheckpointError, read_checkpoint_config
     from lqae_sklearn.evaluation import (
@@ -191,9 +204,6 @@ def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, 
     from lqae_sklearn._tokenizer import LQAETokenizer
     from lqae_sklearn.llm import LLMBackendError, make_backend
 
-    if calibrate and scoring == "channel":
-        raise UsageProblem("--calibrate applies to the direct scorings (loglik, mean_loglik), not to channel, "
-                           "which has no label prior to remove")
     if json_path is not None and os.path.isdir(json_path):
         raise UsageProblem(f"--json {json_path!r} is a folder; give a file path")
     if source == "fashion-mnist":
@@ -244,12 +254,17 @@ def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, 
             backend = make_backend(llm, **({} if is_server or device is None else {"device": device})).load()
         except (ImportError, OSError, ValueError, TypeError, LLMBackendError) as exc:
             raise UsageProblem(f"LLM {llm or 'embedded Gemma 3 270M'!r} cannot be loaded: {exc}") from exc
+        options = {}
+        if n_orders is not None:
+            options["n_orders"] = n_orders
+        if calibration is not None:
+            options["calibration"] = None if calibration == "none" else calibration
         classifier = LLMFewShotClassifier(backend, label_scoring=scoring, instruction=instruction,
-                                          max_tokens_per_item=max_tokens_per_item)
+                                          max_tokens_per_item=max_tokens_per_item, **options)
+        n_orders, calibration = classifier.n_orders, classifier.calibration  # as run, for the JSON record
         for name, shuffle in (("llm", None), ("shuffled", "across")):
             if name in methods:
-                runner = LLMEpisodeRunner(classifier, tokenizer.ids_to_text, shuffle=shuffle,
-                                          content_free="" if calibrate else None)
+                runner = LLMEpisodeRunner(classifier, tokenizer.ids_to_text, shuffle=shuffle)
                 predictors[name] = lambda episode, runner=runner: runner(episode, ids)[0]
     if "pixels" in methods:
         predictors["pixels"] = lambda e: prototype_predict(pixels[e.support], e.support_y, pixels[e.query])
@@ -277,7 +292,7 @@ def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, 
     if json_path is not None:
         record = {"source": source, "checkpoint": str(checkpoint_path), "llm": llm or "embedded Gemma 3 270M",
                   "scoring": scoring, "token_grid": tokenizer.token_grid_ if tokenizer is not None else token_grid,
-                  "instruction": instruction, "calibrate": calibrate,
+                  "instruction": instruction, "n_orders": n_orders, "calibration": calibration,
                   "max_tokens_per_item": max_tokens_per_item, "seed": seed, "cells": cells}
         with open(json_path, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)

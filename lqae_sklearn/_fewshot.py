@@ -37,7 +37,14 @@ from sklearn.utils.validation import (
 
 from ._loading import device_here, unavailable_device
 from .llm import HuggingFaceBackend, LanguageModelBackend, make_backend
-from .llm._prompt import LABEL_SCORINGS, FewShotPrompt, check_instruction
+from .llm._calibration import CALIBRATIONS, CONTENT_FREE_INPUTS, batch_calibrated
+from .llm._demonstrations import NearestDemonstrations, interleave, nearest_last
+from .llm._prompt import LABEL_SCORINGS, FewShotPrompt, check_instruction, demonstration_orders, first_tokens
+
+DEMONSTRATIONS = ("random", "nearest")
+#: Defaults chosen by measurement: see the class's docstring and docs/benchmarks.md.
+DEFAULT_N_ORDERS = 1
+DEFAULT_CALIBRATION = None
 
 
 class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
@@ -60,8 +67,71 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         :class:`~lqae_sklearn.llm.LanguageModelBackend` object is copied, never
         changed, and the copy is loaded.
     n_examples_per_class : int, default=1
-        Demonstrations per class (the "shots"). A class with fewer training samples
-        contributes all of them.
+        Demonstrations per class (the "shots") in each prompt. A class with fewer
+        training samples contributes all of them.
+    demonstrations : {"random", "nearest"}, default="random"
+        Which training examples a prompt shows. ``"random"``: ``fit`` draws
+        ``n_examples_per_class`` of each class (``random_state``) and every query
+        shares them. ``"nearest"``: ``fit`` keeps every example, and each query
+        gets, per class, the ``n_examples_per_class`` examples whose texts are
+        nearest to its own: cosine similarity of TF-IDF vectors over the
+        whitespace-separated tokens, searched by scikit-learn's
+        :class:`~sklearn.neighbors.NearestNeighbors` (kNN prompting). The nearest
+        stand last, closest to the query; see ``max_prompt_tokens`` for the
+        bound on their number. Per-query prompts share no prefix, so each costs
+        its own pass over the demonstrations. The default, ``"random"``, keeps
+        the shared prompt: on a pooled 10-way Fashion-MNIST task
+        (``docs/benchmarks.md``, "Few-shot options"; embedded Gemma 3 270M, one
+        demonstration per class, 300 test queries) ``"nearest"`` scored 0.343
+        against 0.247 with 20 labelled images per class (paired +0.097 ±
+        0.069) and 0.290 against 0.203 with 50, at 1-2 times the LLM time per
+        query, both below a 1-nearest-neighbour on the same similarity without
+        an LLM (0.577, 0.550).
+    n_orders : int, default=1
+        Orders of the demonstrations each query is scored under; the class scores
+        (log-probabilities) are averaged over them. With ``D`` demonstrations: all
+        ``D!`` orders when ``D! <= n_orders``, else the first ``min(n_orders, D)``
+        rotations of the interleaved order (see Notes; with ``D`` rotations every
+        demonstration stands at every position once). Which order a prompt starts
+        from never depends on ``random_state``. Each order costs one scoring pass
+        (with a local model, one cached prefix per order). The default, 1, was
+        chosen by measurement (``docs/benchmarks.md``, "Few-shot options";
+        embedded Gemma 3 270M, channel scoring, 9 tokens per image, the 200
+        Fashion-MNIST episodes of its grid): in 2-way 1-shot, 1 order scored
+        0.615 ± 0.044 and 2 orders 0.623 ± 0.046 at twice the LLM time; in
+        5-way 1-shot (20 episodes), 1 to 5 orders scored 0.34-0.40, each within
+        the others' intervals (± 0.10), at up to 5 times the cost. One fixed
+        order is what removed the spread: across 5 values of ``random_state``
+        on fixed 2-way 1-shot episodes, 0.040 when each fit drew a random order,
+        0.000 now.
+    calibration : {None, "content_free", "batch"}, default=None
+        Removes the LLM's preference for some labels whatever the query, by
+        subtracting a per-class offset from the class scores (dividing the class
+        probabilities by a per-class factor); ``predict_proba`` stays a
+        distribution. ``"content_free"`` (contextual calibration, Zhao et al.
+        2021): the offset is each class's score for the inputs ``"N/A"``, ``""``
+        and ``"[MASK]"``, averaged, after the same demonstrations (a few short
+        extra continuations per prompt). ``"batch"`` (batch calibration, Zhou et
+        al. 2023): the offset is each class's mean score over the queries of the
+        ``predict``/``predict_proba``/``decision_function`` call, so a query's
+        prediction depends on the other queries predicted with it; the call
+        assumes they come from the classes in roughly equal numbers, and raises
+        ``ValueError`` for a single query (its own mean would leave every class
+        the same score). Both apply to the direct and the channel scorings.
+        The default, None, was chosen by measurement and by what a classifier
+        owes its caller (figures as for ``n_orders``, 200 episodes, 1 order):
+        ``"content_free"`` scored 0.608 ± 0.042 against 0.615 ± 0.044 without
+        calibration in 2-way 1-shot, and 0.330 ± 0.028 against 0.350 ± 0.027
+        in 5-way 1-shot, at 1.13-1.33 times the LLM time. ``"batch"`` scored
+        0.700 ± 0.064 in 2-way 1-shot, but an episode's queries are one per
+        class, and with two classes and two queries batch calibration gives the
+        two opposite answers whatever their scores (each episode was all right
+        or all wrong): the gain is the protocol's knowledge of the classes'
+        numbers, not the query's. In 5-way 1-shot, where that knowledge
+        constrains less, it scored 0.357 ± 0.031 (paired gain +0.007 ± 0.022).
+        With it, ``predict(X)[i]`` depends on the rest of ``X``, and two
+        queries of one class are forced apart; use it only for a large batch
+        known to be roughly balanced.
     prompt : str or None, default=None
         Template of one demonstration, with the fields ``{input}`` and ``{label}``,
         each once: ``{input}`` first for the direct scorings, ``{label}`` first for
@@ -79,6 +149,16 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
     max_tokens_per_item : int or None, default=None
         Keep only the first ``max_tokens_per_item`` whitespace-separated tokens of
         each input (demonstrations and queries), to bound the prompt length.
+    max_prompt_tokens : int or None, default=None
+        Under ``demonstrations="nearest"``, the longest prompt allowed, in the
+        LLM's tokens: a query's farthest round of demonstrations (one per class)
+        is dropped until its longest prompt (instruction, demonstrations, query
+        and scored text) fits, counted by the backend's tokenizer; a prompt that
+        does not fit with one round raises ``ValueError``. None is the model's
+        context length (``max_position_embeddings`` of a local model; no bound
+        for a server, which tokenises for itself: a server backend takes only
+        None). Unused under ``"random"``, where ``n_examples_per_class`` and
+        ``max_tokens_per_item`` set the length.
     label_scoring : {"channel", "loglik", "mean_loglik"}, default="channel"
         Class score. ``"channel"``: the noisy-channel score of Min et al.
         (2022), the log-probability of the query's text after each label,
@@ -109,7 +189,10 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         it from ``$OPENAI_API_KEY``, or from the variable ``api_key_env`` names,
         at each request.
     random_state : int, RandomState instance or None, default=None
-        Chooses the demonstrations and their order.
+        Chooses which demonstrations a prompt shows under
+        ``demonstrations="random"``, never their order. With every example used
+        (``n_examples_per_class`` at least the size of each class) and under
+        ``"nearest"``, predictions do not depend on it.
 
     Attributes
     ----------
@@ -118,14 +201,33 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
     label_texts_ : list of str
         ``str(c)`` for each class: the text written into the prompt.
     example_indices_ : ndarray of int
-        Indices into the training ``X`` of the demonstrations, in prompt order.
+        Indices into the training ``X`` of the shared demonstrations, in their
+        first order (``"random"``), or of every example (``"nearest"``; see
+        :meth:`demonstrations_for`).
     prompt_ : FewShotPrompt
-        The written prompt: its template, ``label_scoring``, labels,
-        ``max_tokens_per_item`` (which cuts the queries as it cut the
-        demonstrations) and the shared ``prefix`` (instruction line and
-        demonstrations).
+        The prompt: its template, ``label_scoring``, labels, instruction line
+        (``header``), ``max_tokens_per_item`` (which cuts the queries as it cut
+        the demonstrations) and the shared ``demonstrations`` in their first order
+        (none under ``"nearest"``).
     prompt_prefix_ : str
-        ``prompt_.prefix``: the prompt every query shares.
+        ``prompt_.prefix``: the instruction line and the shared demonstrations in
+        their first order (under ``"nearest"``, the instruction line only).
+    orders_ : ndarray of int of shape (n_orders_used, n_demonstrations) or None
+        The orders of the shared demonstrations, as positions into
+        ``prompt_.demonstrations`` (row 0: the first order). None under
+        ``"nearest"``, where each query's orders follow from its own number of
+        demonstrations and ``n_orders_``.
+    n_orders_ : int
+        ``n_orders`` as read by ``fit``.
+    calibration_ : None or str
+        ``calibration`` as read by ``fit``.
+    neighbors_ : NearestDemonstrations or None
+        Under ``"nearest"``: the fitted vectorizer, one
+        :class:`~sklearn.neighbors.NearestNeighbors` per class, and the training
+        texts; None under ``"random"``.
+    max_prompt_tokens_ : int or None
+        The prompt-length bound in force under ``"nearest"`` (``max_prompt_tokens``
+        or the model's context length); None when unbounded or under ``"random"``.
     backend_ : LanguageModelBackend
         The backend that scores prompts. Its weights are never pickled: they are
         reloaded (or taken from the per-process model cache) on first use.
@@ -136,8 +238,10 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
     -----
     **When parameters take effect.** Everything is read by ``fit``: the prompt
     (``prompt``, ``instruction``, ``label_scoring``, ``max_tokens_per_item``,
-    the demonstrations) is written into ``prompt_``, and the backend is built
-    into ``backend_``. After ``set_params``, call ``fit`` again.
+    the demonstrations) is written into ``prompt_``, ``n_orders``,
+    ``calibration`` and ``max_prompt_tokens`` into ``n_orders_``,
+    ``calibration_`` and ``max_prompt_tokens_``, and the backend is built into
+    ``backend_``. After ``set_params``, call ``fit`` again.
 
     **A failed fit.** A ``fit`` that raises leaves the estimator as it was: a
     fitted estimator keeps its previous fitted state, whole and usable
@@ -151,10 +255,16 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
     joined by single spaces, so a one-column array holds its texts as they are
     and a row of token ids becomes the ids written out.
 
-    Demonstrations are interleaved: one example per class, classes in a random
-    order, then the next round, so that no class sits only at the end of the prompt.
-    With a local model, the demonstrations' keys and values are computed once and
-    reused for every query (see ``benchmarks/fewshot_speed.py``).
+    **Demonstration order.** Demonstrations are interleaved: one example per
+    class, classes in the order of ``classes_``, then the next round, so that no
+    class sits only at the end of the prompt. Within a class, random
+    demonstrations follow their order in the training ``X`` and nearest ones go
+    from the farthest to the nearest. That first order is a function of which
+    demonstrations were chosen alone, and the other orders are its rotations or
+    permutations (``n_orders``), so ``random_state`` changes predictions only
+    through which demonstrations it chooses. With a local model, each order's
+    demonstrations' keys and values are computed once per ``predict`` call and
+    reused for every query of that call (see ``benchmarks/fewshot_speed.py``).
 
     Examples
     --------
@@ -170,9 +280,13 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
     _parameter_constraints: dict = {
         "llm": [None, str, os.PathLike, LanguageModelBackend],
         "n_examples_per_class": [Interval(Integral, 1, None, closed="left")],
+        "demonstrations": [StrOptions(set(DEMONSTRATIONS))],
+        "n_orders": [Interval(Integral, 1, None, closed="left")],
+        "calibration": [None, StrOptions(set(CALIBRATIONS))],
         "prompt": [None, str],
         "instruction": [None, str],
         "max_tokens_per_item": [Interval(Integral, 1, None, closed="left"), None],
+        "max_prompt_tokens": [Interval(Integral, 1, None, closed="left"), None],
         "label_scoring": [StrOptions(set(LABEL_SCORINGS))],
         "batch_size": [Interval(Integral, 1, None, closed="left"), None],
         "device": [str],
@@ -185,9 +299,13 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         llm=None,
         *,
         n_examples_per_class=1,
+        demonstrations="random",
+        n_orders=DEFAULT_N_ORDERS,
+        calibration=DEFAULT_CALIBRATION,
         prompt=None,
         instruction=None,
         max_tokens_per_item=None,
+        max_prompt_tokens=None,
         label_scoring="channel",
         batch_size=None,
         device="auto",
@@ -196,9 +314,13 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
     ):
         self.llm = llm
         self.n_examples_per_class = n_examples_per_class
+        self.demonstrations = demonstrations
+        self.n_orders = n_orders
+        self.calibration = calibration
         self.prompt = prompt
         self.instruction = instruction
         self.max_tokens_per_item = max_tokens_per_item
+        self.max_prompt_tokens = max_prompt_tokens
         self.label_scoring = label_scoring
         self.batch_size = batch_size
         self.device = device
@@ -257,23 +379,35 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         if len(set(label_texts)) != len(label_texts):
             raise ValueError(f"classes {list(classes)!r} do not have distinct label texts {label_texts!r}")
 
-        # The demonstrations: n_examples_per_class of each class, interleaved (see Notes).
-        rng = check_random_state(self.random_state)
-        shots = [rng.permutation(np.flatnonzero(y == c))[: self.n_examples_per_class] for c in classes]
-        order = []
-        for round_ in range(max(len(s) for s in shots)):
-            for k in rng.permutation(len(classes)):
-                if round_ < len(shots[k]):
-                    order.append((int(shots[k][round_]), k))
-
-        prompt = FewShotPrompt.build(self.prompt, self.label_scoring, label_texts,
-                                     [(texts[i], k) for i, k in order], self.instruction, self.max_tokens_per_item)
+        # The demonstrations: which ones is random (or per query), their order never is (see Notes).
+        class_index = np.searchsorted(classes, y)
+        neighbors = None
+        if self.demonstrations == "random":
+            rng = check_random_state(self.random_state)
+            chosen = [np.sort(rng.permutation(np.flatnonzero(class_index == k))[: self.n_examples_per_class])
+                      for k in range(len(classes))]
+            pairs = interleave(chosen)
+            shared = [(texts[i], k) for i, k in pairs]
+            example_indices = np.array([i for i, _ in pairs], dtype=np.int64)
+            orders = demonstration_orders(len(pairs), self.n_orders)
+        else:
+            cut = [first_tokens(text, self.max_tokens_per_item) for text in texts]
+            neighbors = NearestDemonstrations(self.n_examples_per_class).fit(cut, class_index, len(classes))
+            shared, example_indices, orders = [], np.arange(len(texts), dtype=np.int64), None
+        prompt = FewShotPrompt.build(self.prompt, self.label_scoring, label_texts, shared, self.instruction,
+                                     self.max_tokens_per_item)
         backend, backend_source = self._backend(options)  # may fail (a server down, a missing folder)
+        max_prompt_tokens = self._prompt_limit(backend) if neighbors is not None else None
 
         self.classes_ = classes
         self.label_texts_ = label_texts
-        self.example_indices_ = np.array([i for i, _ in order], dtype=np.int64)
+        self.example_indices_ = example_indices
         self.prompt_ = prompt
+        self.orders_ = orders
+        self.n_orders_ = int(self.n_orders)
+        self.calibration_ = self.calibration
+        self.neighbors_ = neighbors
+        self.max_prompt_tokens_ = max_prompt_tokens
         self.backend_ = backend
         self._backend_source = backend_source
         for name, value in columns.items():  # set for 2-D X, removed for 1-D texts
@@ -282,6 +416,16 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
             else:
                 setattr(self, name, value)
         return self
+
+    def _prompt_limit(self, backend) -> int | None:
+        """The longest prompt allowed under nearest demonstrations: ``max_prompt_tokens``, else the model's context."""
+        if self.max_prompt_tokens is None:
+            return backend.context_length
+        if backend.prompt_length("", [""], ["x"]) is None:
+            raise ValueError(f"max_prompt_tokens={self.max_prompt_tokens} needs a backend that counts tokens (a "
+                             f"local model); {backend!r} cannot: leave max_prompt_tokens=None and bound the prompt "
+                             f"with n_examples_per_class and max_tokens_per_item")
+        return int(self.max_prompt_tokens)
 
     def _backend_options(self) -> dict:
         options = dict(self.llm_options or {})
@@ -361,8 +505,56 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         return texts, columns
 
     # -- prediction ---------------------------------------------------------------------------------------
+    def demonstrations_for(self, X) -> list[np.ndarray]:
+        """The labelled examples each query's prompt shows, in their first order.
+
+        Parameters
+        ----------
+        X : array-like of str of shape (n_samples,), or 2-D array-like of tokens
+            Query texts.
+
+        Returns
+        -------
+        list of ndarray of int
+            For each query, indices into the training ``X``: ``example_indices_``
+            for every query under ``demonstrations="random"``, the query's nearest
+            examples under ``"nearest"``. The other orders are the rows of
+            :func:`~lqae_sklearn.llm._prompt.demonstration_orders` applied to it.
+        """
+        check_is_fitted(self)
+        texts = self._texts(X)[0]
+        if self.neighbors_ is None:
+            return [self.example_indices_.copy() for _ in texts]
+        return [np.array([i for i, _ in pairs], dtype=np.int64) for pairs in self._nearest_pairs(texts)]
+
+    def _nearest_pairs(self, texts) -> list[list[tuple[int, int]]]:
+        """Each query's ``(training index, class)`` demonstrations (nearest last), as many rounds as the prompt holds."""
+        found = self.neighbors_.nearest([first_tokens(t, self.prompt_.max_tokens_per_item) for t in texts])
+        if self.max_prompt_tokens_ is None:
+            return [nearest_last(per_class) for per_class in found]
+        limit, pool = self.max_prompt_tokens_, self.neighbors_.texts_
+        chosen = []
+        for i, (text, per_class) in enumerate(zip(texts, found)):
+            queries, continuations = self._requests([text])
+            rounds = max(len(items) for items in per_class)
+            while True:
+                pairs = nearest_last(per_class, rounds)
+                length = self.backend_.prompt_length(self.prompt_.write([(pool[j], k) for j, k in pairs]),
+                                                     queries, continuations)
+                if length <= limit:
+                    break
+                if rounds == 1:
+                    raise ValueError(
+                        f"X[{i}]: its prompt with one demonstration per class takes {length} tokens, more than "
+                        f"max_prompt_tokens={limit} (the model's context length unless set); raise "
+                        f"max_prompt_tokens or cut the texts with max_tokens_per_item"
+                    )
+                rounds -= 1
+            chosen.append(pairs)
+        return chosen
+
     def format_prompt(self, text: str, label=None) -> str:
-        """The exact text the LLM reads for ``text``: the prompt, then ``label`` scored after it.
+        """The exact text the LLM reads for ``text`` in the first order: the prompt, then ``label`` scored after it.
 
         Parameters
         ----------
@@ -376,19 +568,23 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         Returns
         -------
         str
-            The prompt text.
+            The prompt text, with the demonstrations in their first order (the
+            query is also scored under the other orders of ``orders_``).
         """
         check_is_fitted(self)
         (text,), _ = self._texts([text])
+        demonstrations = None
+        if self.neighbors_ is not None:
+            demonstrations = [(self.neighbors_.texts_[j], k) for j, k in self._nearest_pairs([text])[0]]
         if label is None:
-            return self.prompt_.render(text)
+            return self.prompt_.render(text, demonstrations=demonstrations)
         matches = np.flatnonzero(self.classes_ == label)
         if matches.size == 0:
             raise ValueError(f"label {label!r} is not one of the classes {list(self.classes_)!r}")
-        return self.prompt_.render(text, int(matches[0]))
+        return self.prompt_.render(text, int(matches[0]), demonstrations)
 
     def scoring_requests(self, X) -> tuple[list[str], list[str]]:
-        """What :meth:`predict_proba` asks the backend to score after ``prompt_prefix_``.
+        """What :meth:`predict_proba` asks the backend to score after the demonstrations of each prompt.
 
         Parameters
         ----------
@@ -398,22 +594,65 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         Returns
         -------
         queries : list of str
-            The text appended to ``prompt_prefix_`` for each query.
+            The text appended to the demonstrations (in each order) for each query.
         continuations : list of str
-            The continuations scored after every ``prompt_prefix_ + query`` (see
+            The continuations scored after every ``demonstrations + query`` (see
             :meth:`FewShotPrompt.requests`).
         """
         check_is_fitted(self)
         return self.prompt_.requests(self._texts(X)[0])
 
-    def _scores(self, X) -> np.ndarray:
-        """(n_samples, n_classes) class scores."""
-        queries, continuations = self.scoring_requests(X)  # checks fitted-ness first
-        result = self.backend_.score(self.prompt_.prefix, queries, continuations)
+    def _requests(self, texts) -> tuple[list[str], list[str]]:
+        """``prompt_.requests(texts)`` with the content-free inputs appended when calibrating with them."""
+        queries, continuations = self.prompt_.requests(texts)
+        if self.calibration_ != "content_free":
+            return queries, continuations
+        free_queries, free_continuations = self.prompt_.requests(CONTENT_FREE_INPUTS)
+        if self.prompt_.label_scoring == "channel":  # an input is a continuation; "" may write none
+            return queries, continuations + [c for c in free_continuations if c]
+        return queries + free_queries, continuations
+
+    def _prompts(self, texts) -> list[tuple[str, np.ndarray]]:
+        """Every prompt prefix to score and the queries (indices into ``texts``) it is scored for."""
+        if self.neighbors_ is None:
+            demos = self.prompt_.demonstrations
+            every = np.arange(len(texts))
+            return [(self.prompt_.write([demos[j] for j in order]), every) for order in self.orders_]
+        groups: dict[tuple, list[int]] = {}  # queries that share their demonstrations share their prompts
+        for i, pairs in enumerate(self._nearest_pairs(texts)):
+            groups.setdefault(tuple(pairs), []).append(i)
+        pool = self.neighbors_.texts_
+        prompts = []
+        for pairs, members in groups.items():
+            demos = [(pool[j], k) for j, k in pairs]
+            for order in demonstration_orders(len(demos), self.n_orders_):
+                prompts.append((self.prompt_.write([demos[j] for j in order]), np.array(members)))
+        return prompts
+
+    def _order_scores(self, prefix: str, texts) -> np.ndarray:
+        """(len(texts), n_classes) class scores of ``texts`` after ``prefix``, less the content-free ones if asked."""
+        queries, continuations = self._requests(texts)
+        result = self.backend_.score(prefix, queries, continuations)
         scoring = self.prompt_.label_scoring
+        scores = result.mean() if scoring == "mean_loglik" else result.logprob
         if scoring == "channel":
-            return result.logprob.T
-        return result.logprob if scoring == "loglik" else result.mean()
+            scores = scores.T  # (inputs, labels)
+        n = len(texts)
+        if self.calibration_ == "content_free":
+            return scores[:n] - scores[n:].mean(axis=0, keepdims=True)
+        return scores
+
+    def _scores(self, X) -> np.ndarray:
+        """(n_samples, n_classes) class scores: averaged over the orders, then calibrated."""
+        check_is_fitted(self)
+        texts = self._texts(X)[0]
+        total = np.zeros((len(texts), len(self.classes_)))
+        count = np.zeros(len(texts))
+        for prefix, members in self._prompts(texts):
+            total[members] += self._order_scores(prefix, [texts[i] for i in members])
+            count[members] += 1
+        scores = total / count[:, None]
+        return batch_calibrated(scores) if self.calibration_ == "batch" else scores
 
     def decision_function(self, X):
         """Class scores: log-likelihoods of each label after the query, or of the query after each label (channel).

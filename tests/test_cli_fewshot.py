@@ -14,6 +14,8 @@ from scipy.stats import t
 
 from lqae_sklearn.cli.fewshot import cli
 
+sys.path.insert(0, str(Path(__file__).parent))
+
 FEWSHOT = [sys.executable, "-m", "lqae_sklearn.cli.fewshot"]
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "fashion-mnist"
 
@@ -84,6 +86,13 @@ def test_help_explains_protocol_and_exit_status():
         assert text in result.stdout
 
 
+def test_help_says_batch_calibration_reads_the_other_queries():
+    help_text = " ".join(run_fewshot("--help").stdout.split())  # click rewraps the epilog
+    assert "--orders N scores each query under up to N orders" in help_text
+    assert "an answer depends on the other queries" in help_text
+    assert "in a 2-way episode with --queries 1 the two answers always differ" in help_text
+
+
 @pytest.mark.parametrize("case", ["missing", "file", "one-class", "too-few", "loose-image", "bad-image"])
 def test_unusable_source_exits_2_with_a_clear_message(tmp_path, case):
     source = tmp_path / "data"
@@ -123,5 +132,39 @@ def test_bad_option_is_a_usage_error(tmp_path):
     assert result.exit_code == 2 and "knn not among llm, shuffled, pixels" in result.stderr
     result = CliRunner().invoke(cli, [source, "--way", "1"])
     assert result.exit_code == 2 and "--way" in result.stderr
-    result = CliRunner().invoke(cli, [source, "--scoring", "channel", "--calibrate"])
-    assert result.exit_code == 2 and "--calibrate applies to the direct scorings" in result.stderr
+    result = CliRunner().invoke(cli, [source, "--calibration", "platt"])
+    assert result.exit_code == 2 and "Invalid value for '--calibration'" in result.stderr
+    result = CliRunner().invoke(cli, [source, "--orders", "0"])
+    assert result.exit_code == 2 and "Invalid value for '--orders'" in result.stderr
+
+
+@pytest.mark.parametrize("options, orders, calibration", [
+    ([], None, None),  # the classifier's defaults
+    (["--orders", "1", "--calibration", "batch"], 1, "batch"),
+    (["--orders", "2", "--calibration", "content_free"], 2, "content_free"),
+])
+def test_orders_and_calibration_reach_the_classifier(tmp_path, monkeypatch, options, orders, calibration):
+    from _llm_models import tiny_model_dir
+
+    from lqae_sklearn import LLMFewShotClassifier
+
+    seen = []
+    predict_proba = LLMFewShotClassifier.predict_proba
+
+    def recording(self, X):
+        seen.append((self.n_orders_, len(self.orders_), self.calibration_, len(X)))
+        return predict_proba(self, X)
+
+    monkeypatch.setattr(LLMFewShotClassifier, "predict_proba", recording)
+    out = tmp_path / "result.json"
+    result = CliRunner().invoke(cli, [str(EXAMPLES), "--way", "2", "--shot", "1", "--episodes", "2", "--method", "llm",
+                                      "--llm", tiny_model_dir(), "--device", "cpu", "--json", str(out),
+                                      "--no-progress", *options])
+    assert result.exit_code == 0, result.stderr
+    defaults = LLMFewShotClassifier()
+    orders = defaults.n_orders if orders is None else orders
+    calibration = defaults.calibration if calibration is None else calibration
+    # 2 demonstrations: min(orders, 2) orders; every episode's 2 queries go to one predict_proba call.
+    assert seen == [(orders, min(orders, 2), calibration, 2)] * 2
+    record = json.loads(out.read_text())
+    assert (record["n_orders"], record["calibration"]) == (orders, calibration)

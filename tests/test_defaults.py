@@ -115,3 +115,16 @@ def test_the_classifier_scores_through_the_noisy_channel_by_default():
     assert clf.prompt_.label_scoring == "channel" and clf.prompt_.template == "{label}: {input}\n"
     proba = clf.predict_proba(["shoe bag"])
     np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+
+
+def test_the_classifier_defaults_one_order_no_calibration_random_demonstrations():
+    # Chosen by measurement (the class docstring, docs/benchmarks.md "Few-shot options"); batch calibration stays
+    # off so that a query's answer does not depend on the queries predicted with it.
+    clf = LLMFewShotClassifier(tiny_model_dir(), random_state=0)
+    assert (clf.n_orders, clf.calibration, clf.demonstrations) == (1, None, "random")
+    X = ["shoe bag", "wool heel", "bag bag", "heel wool"]
+    clf.fit(X, ["dax", "wug", "dax", "wug"])
+    queries = ["shoe bag wool", "heel", "bag"]
+    together = clf.predict_proba(queries)
+    alone = np.vstack([clf.predict_proba([q]) for q in queries])
+    np.testing.assert_allclose(alone, together, rtol=1e-5)  # float32 padding moves scores by ~1e-6 (test_fewshot)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import pickle
 import subprocess
 import sys
@@ -22,7 +23,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _llm_models import tiny_model_dir  # noqa: E402
 
 from lqae_sklearn import DeviceWarning, LLMFewShotClassifier  # noqa: E402
-from lqae_sklearn.llm import HuggingFaceBackend, LanguageModelBackend, LLMBackendError, _cache  # noqa: E402
+from lqae_sklearn.llm import (  # noqa: E402
+    HuggingFaceBackend, LanguageModelBackend, LLMBackendError, OpenAICompatibleBackend, _cache,
+)
+from lqae_sklearn.llm._prompt import demonstration_orders  # noqa: E402
 
 WORDS = ["shoe", "##s", "black", "sleeve", "bag", "##ish", "strap", "wool", "pull", "##over", "boot", "heel"]
 
@@ -71,9 +75,27 @@ EXPECTED_FAILED_CHECKS = {
 }
 
 
+BATCH_CALIBRATION = ("calibration='batch' subtracts each class's mean score over the queries predicted together: a "
+                     "query's scores depend on the others by design, and a single query raises (see the docstring)")
+
+
+def _expected_failed_checks(estimator):
+    expected = dict(EXPECTED_FAILED_CHECKS[estimator.label_scoring])
+    if estimator.demonstrations == "nearest":
+        # The check's queries each get their own nearest demonstrations, so each is scored alone, in its own
+        # prompts: no other query shares its batch (passed on 2026-12-06).
+        expected.pop("check_methods_subset_invariance")
+    if estimator.calibration == "batch":
+        expected["check_methods_subset_invariance"] = BATCH_CALIBRATION
+    return expected
+
+
 @parametrize_with_checks([LLMFewShotClassifier(tiny_model_dir(), random_state=0),
-                          LLMFewShotClassifier(tiny_model_dir(), label_scoring="loglik", random_state=0)],
-                         expected_failed_checks=lambda estimator: EXPECTED_FAILED_CHECKS[estimator.label_scoring])
+                          LLMFewShotClassifier(tiny_model_dir(), label_scoring="loglik", random_state=0),
+                          LLMFewShotClassifier(tiny_model_dir(), demonstrations="nearest", n_orders=2,
+                                               calibration="content_free", random_state=0),
+                          LLMFewShotClassifier(tiny_model_dir(), n_orders=2, calibration="batch", random_state=0)],
+                         expected_failed_checks=_expected_failed_checks)
 def test_scikit_learn_common_checks(estimator, check):
     check(estimator)
 
@@ -315,6 +337,15 @@ FAILED_FITS = [
      "empty label text"),
     ("backend load failure", {"llm": _UnloadableBackend()}, _three_columns(), LLMBackendError, "cannot be loaded"),
     ("model folder missing", {"llm": "/nowhere/model"}, _three_columns(), OSError, "could not load a causal"),
+    ("bad n_orders", {"n_orders": 0}, _three_columns(), ValueError, "The 'n_orders' parameter"),
+    ("bad calibration", {"calibration": "platt"}, _three_columns(), ValueError, "The 'calibration' parameter"),
+    ("bad demonstrations", {"demonstrations": "best"}, _three_columns(), ValueError, "The 'demonstrations' param"),
+    ("bad max_prompt_tokens", {"max_prompt_tokens": 0}, _three_columns(), ValueError, "The 'max_prompt_tokens'"),
+    ("nearest over texts without tokens", {"demonstrations": "nearest"}, (["", " "], ["x", "y"]), ValueError,
+     "the training texts have no tokens"),
+    ("max_prompt_tokens with a backend that cannot count",
+     {"llm": OpenAICompatibleBackend("http://127.0.0.1:9/v1"), "demonstrations": "nearest", "max_prompt_tokens": 99},
+     _three_columns(), ValueError, "max_prompt_tokens=99 needs a backend that counts tokens"),
     ("server settings refused at load", {"llm": "http://127.0.0.1:9/v1", "llm_options": {"timeout": 0}},
      _three_columns(), ValueError, "timeout must be a positive number"),
 ]
@@ -351,6 +382,23 @@ def test_a_failed_first_fit_leaves_the_estimator_unfitted(name, params, data, er
     assert _fitted_state(clf) == {}
     with pytest.raises(NotFittedError):
         clf.predict(data[0])
+
+
+@pytest.mark.parametrize("params", [{"calibration": "bogus"}, {"demonstrations": "random", "n_orders": -1},
+                                    {"max_prompt_tokens": 1}])
+def test_a_failed_refit_of_nearest_demonstrations_keeps_them(params):
+    X, y = _data(n_per_class=3)
+    clf = _tiny(demonstrations="nearest", n_examples_per_class=2, calibration="content_free").fit(X, y)
+    state, proba = _fitted_state(clf), clf.predict_proba(X)
+    shown = clf.demonstrations_for(X)
+    clf.set_params(**params)
+    data = (X, y) if "max_prompt_tokens" not in params else (["", " "], ["x", "y"])  # no tokens to compare
+    with pytest.raises(ValueError):
+        clf.fit(*data)
+    after = _fitted_state(clf)
+    assert sorted(after) == sorted(state) and [k for k in state if after[k] is not state[k]] == []
+    np.testing.assert_array_equal(clf.predict_proba(X), proba)
+    assert [a.tolist() for a in clf.demonstrations_for(X)] == [a.tolist() for a in shown]
 
 
 def test_a_failed_refit_keeps_the_fitted_feature_names():
@@ -425,6 +473,209 @@ def test_gemma_copies_a_demonstration_label(scoring):
     for j, name in enumerate(clf.classes_):
         assert labels[scores[:, j].argmax()] == name
     assert (clf.predict(X) == labels).mean() >= 0.6
+
+
+# -- demonstration orders -------------------------------------------------------------------------------------------
+def test_orders_are_all_permutations_when_few_and_balanced_rotations_otherwise():
+    assert demonstration_orders(0, 5).tolist() == [[]] and demonstration_orders(1, 5).tolist() == [[0]]
+    for n, wanted in ((2, 2), (3, 6), (3, 100), (4, 24)):
+        orders = demonstration_orders(n, wanted)
+        assert orders[0].tolist() == list(range(n))  # the first order is the written one
+        assert sorted(map(tuple, orders.tolist())) == sorted(itertools.permutations(range(n)))
+    for n, wanted in ((3, 5), (4, 4), (5, 6), (5, 119), (10, 10)):  # n! > wanted: the n rotations
+        orders = demonstration_orders(n, wanted)
+        assert orders.shape == (n, n)
+        for o, row in enumerate(orders.tolist()):
+            assert row == [(p + o) % n for p in range(n)]
+        for column in orders.T:  # every demonstration stands at every position exactly once
+            assert sorted(column.tolist()) == list(range(n))
+    orders = demonstration_orders(6, 4)  # fewer than n: the first rotations, each at 4 consecutive positions
+    assert orders.tolist() == [[(p + o) % 6 for p in range(6)] for o in range(4)]
+    assert demonstration_orders(5, 1).tolist() == [[0, 1, 2, 3, 4]]
+    with pytest.raises(ValueError, match="n_orders >= 1"):
+        demonstration_orders(3, 0)
+
+
+@pytest.mark.parametrize("scoring", ["channel", "loglik", "mean_loglik"])
+def test_scores_are_the_mean_over_orders_of_each_orders_scores(scoring):
+    X, y = _data(n_per_class=2)
+    clf = _tiny(label_scoring=scoring, n_orders=6).fit(X, y)  # 3 demonstrations: all 3! = 6 orders
+    assert clf.orders_.shape == (6, 3)
+    demos = clf.prompt_.demonstrations
+    assert [text for text, _ in demos] == list(X[clf.example_indices_])
+    queries, continuations = clf.scoring_requests(X[[1, 3, 5]])
+    per_order = []
+    for order in clf.orders_:
+        prefix = clf.prompt_.write([demos[j] for j in order])
+        assert sorted(prefix.splitlines()) == sorted(clf.prompt_prefix_.splitlines())  # the same lines, reordered
+        raw = clf.backend_.score(prefix, queries, continuations)
+        scores = raw.logprob if scoring != "mean_loglik" else raw.logprob / raw.n_tokens
+        per_order.append(scores.T if scoring == "channel" else scores)
+    assert len({p.tobytes() for p in per_order}) == 6  # the orders are scored differently
+    expected = np.mean(per_order, axis=0)
+    np.testing.assert_allclose(clf.decision_function(X[[1, 3, 5]]), expected, rtol=1e-9)
+    np.testing.assert_allclose(clf.predict_proba(X[[1, 3, 5]]).sum(axis=1), 1.0)
+    np.testing.assert_array_equal(clf.predict(X[[1, 3, 5]]), clf.classes_[expected.argmax(axis=1)])
+
+
+@pytest.mark.parametrize("n_orders", [1, 2, 6])
+def test_with_every_example_used_predictions_do_not_depend_on_random_state(n_orders):
+    X, y = _data(n_per_class=2)
+    fits = [_tiny(n_examples_per_class=2, n_orders=n_orders, label_scoring="channel").set_params(random_state=s)
+            .fit(X, y) for s in range(5)]
+    first = fits[0].predict_proba(X)
+    for clf in fits[1:]:
+        assert clf.prompt_prefix_ == fits[0].prompt_prefix_
+        np.testing.assert_array_equal(clf.predict_proba(X), first)
+
+
+def test_random_state_changes_which_demonstrations_not_their_order():
+    X, y = _data(n_per_class=3, classes=("dax", "blicket"))
+    fits = [_tiny(n_orders=1).set_params(random_state=s).fit(X, y) for s in range(12)]
+    by_choice = {}
+    for clf in fits:
+        by_choice.setdefault(frozenset(clf.example_indices_.tolist()), []).append(clf)
+    assert len(by_choice) > 1 and any(len(same) > 1 for same in by_choice.values())
+    for same in by_choice.values():
+        for clf in same[1:]:
+            assert clf.prompt_prefix_ == same[0].prompt_prefix_
+            np.testing.assert_array_equal(clf.predict_proba(X), same[0].predict_proba(X))
+
+
+# -- calibration ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scoring", ["channel", "loglik", "mean_loglik"])
+def test_content_free_calibration_subtracts_each_orders_content_free_scores(scoring):
+    X, y = _data(n_per_class=2, classes=("dax", "blicket"))
+    clf = _tiny(label_scoring=scoring, calibration="content_free").fit(X, y)
+    plain = clone(clf).set_params(calibration=None).fit(X, y)
+    queries = X[[0, 3]]
+    expected = []
+    for order in clf.orders_:  # 2 demonstrations: both orders
+        prefix = clf.prompt_.write([clf.prompt_.demonstrations[j] for j in order])
+        if scoring == "channel":  # the inputs "N/A", "" and "[MASK]" scored after each label
+            raw = clf.backend_.score(prefix, ["blicket:", "dax:"], [f" {q}\n" for q in queries] +
+                                     [" N/A\n", " \n", " [MASK]\n"]).logprob.T
+        else:
+            raw = clf.backend_.score(prefix, [f"Input: {t}\nOutput:" for t in list(queries) + ["N/A", "", "[MASK]"]],
+                                     [" blicket\n", " dax\n"])
+            raw = raw.logprob if scoring == "loglik" else raw.logprob / raw.n_tokens
+        expected.append(raw[:2] - raw[2:].mean(axis=0))
+    expected = np.mean(expected, axis=0)
+    scores = clf.decision_function(queries)
+    np.testing.assert_allclose(scores, expected[:, 1] - expected[:, 0], rtol=1e-9, atol=1e-9)
+    proba = clf.predict_proba(queries)
+    np.testing.assert_allclose(proba, np.exp(expected) / np.exp(expected).sum(axis=1, keepdims=True), rtol=1e-9)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    assert not np.allclose(plain.decision_function(queries), scores)  # the calibration changed something
+
+
+@pytest.mark.parametrize("scoring", ["channel", "loglik"])
+def test_batch_calibration_subtracts_each_classs_mean_over_the_batch(scoring):
+    X, y = _data()
+    plain = _tiny(label_scoring=scoring).fit(X, y)
+    clf = clone(plain).set_params(calibration="batch").fit(X, y)
+    raw = plain.decision_function(X)
+    expected = raw - raw.mean(axis=0, keepdims=True)
+    np.testing.assert_allclose(clf.decision_function(X), expected, rtol=1e-9, atol=1e-9)
+    proba = clf.predict_proba(X)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    np.testing.assert_allclose(proba, np.exp(expected) / np.exp(expected).sum(axis=1, keepdims=True), rtol=1e-9)
+    np.testing.assert_array_equal(clf.predict(X), clf.classes_[expected.argmax(axis=1)])
+    # A query's prediction depends on the batch: the same query, predicted with others, scores differently.
+    assert not np.allclose(clf.decision_function(X[:2])[0], clf.decision_function(X[[0, 5, 9]])[0])
+    with pytest.raises(ValueError, match="calibration='batch' estimates the label prior from the queries predicted "
+                                         "together, and got 1"):
+        clf.predict(X[:1])
+
+
+def test_batch_calibration_gives_two_queries_of_two_classes_opposite_answers():
+    # The docstring's warning, checked: with two classes, the calibrated score differences of two queries predicted
+    # together are d and -d, so their answers differ whatever their true classes (unless d = 0).
+    X, y = _data(classes=("dax", "blicket"))
+    clf = _tiny(label_scoring="channel", calibration="batch").fit(X, y)
+    plain = clone(clf).set_params(calibration=None).fit(X, y)
+    same_class = X[y == "dax"][:2]
+    raw = plain.decision_function(same_class)
+    scores = clf.decision_function(same_class)
+    np.testing.assert_allclose(scores, [(raw[0] - raw[1]) / 2, (raw[1] - raw[0]) / 2], rtol=1e-9, atol=1e-12)
+    assert raw[0] != raw[1]
+    assert set(clf.predict(same_class)) == {"dax", "blicket"}  # one of the two is wrong, by construction
+
+
+# -- demonstrations nearest to each query ----------------------------------------------------------------------------
+def _brute_force_nearest(train, y, classes, query, k):
+    """Per class, the k training texts of highest cosine similarity of TF-IDF vectors (smooth idf, l2)."""
+    vocabulary = sorted({t for text in train for t in text.split()})
+    counts = np.array([[text.split().count(v) for v in vocabulary] for text in list(train) + [query]], float)
+    df = (counts[:-1] > 0).sum(axis=0)
+    tfidf = counts * (np.log((1 + len(train)) / (1 + df)) + 1)
+    unit = tfidf / np.maximum(np.linalg.norm(tfidf, axis=1, keepdims=True), 1e-300)
+    similarity = unit[:-1] @ unit[-1]
+    return [sorted(np.flatnonzero(y == c), key=lambda i: -similarity[i])[:k] for c in classes], similarity
+
+
+def test_nearest_demonstrations_are_the_nearest_by_cosine_and_nearest_last():
+    X, y = _data(n_per_class=6, n_tokens=5, seed=3)
+    clf = _tiny(demonstrations="nearest", n_examples_per_class=2, label_scoring="channel").fit(X, y)
+    np.testing.assert_array_equal(clf.example_indices_, np.arange(len(X)))  # every example kept
+    queries = _data(n_per_class=2, n_tokens=5, seed=4)[0]
+    chosen = clf.demonstrations_for(queries)
+    for query, shown in zip(queries, chosen):
+        expected, similarity = _brute_force_nearest(X, y, clf.classes_, query, 2)
+        assert len(shown) == 6
+        # Rounds from the farthest to the nearest: the second-nearest of each class, then the nearest (a tie in
+        # similarity may swap two texts: compare similarities, and the classes, round by round).
+        expected_order = [group[1] for group in expected] + [group[0] for group in expected]
+        np.testing.assert_allclose(similarity[shown], similarity[expected_order], rtol=1e-12)
+        assert list(y[shown]) == list(y[expected_order]) == list(clf.classes_) * 2
+        prompt = clf.format_prompt(query, label=clf.classes_[0])
+        assert prompt.startswith("".join(f"{y[i]}: {X[i]}\n" for i in shown))
+    assert len({tuple(c) for c in chosen}) > 1  # the queries did not all get the same demonstrations
+
+
+def test_nearest_demonstrations_scores_average_the_orders_of_each_querys_prompt():
+    X, y = _data(n_per_class=3, classes=("dax", "blicket"))
+    clf = _tiny(demonstrations="nearest", n_examples_per_class=1, n_orders=2, calibration="content_free",
+                label_scoring="loglik").fit(X, y)
+    queries = X[[0, 4]]
+    expected = []
+    for query, shown in zip(queries, clf.demonstrations_for(queries)):
+        demos = [(X[i], int(y[i] == "dax")) for i in shown]  # classes_ is (blicket, dax)
+        rows = []
+        for order in ([0, 1], [1, 0]):
+            prefix = clf.prompt_.write([demos[j] for j in order])
+            raw = clf.backend_.score(prefix, [f"Input: {t}\nOutput:" for t in (query, "N/A", "", "[MASK]")],
+                                     [" blicket\n", " dax\n"]).logprob
+            rows.append(raw[0] - raw[1:].mean(axis=0))
+        expected.append(np.mean(rows, axis=0))
+    expected = np.array(expected)
+    np.testing.assert_allclose(clf.decision_function(queries), expected[:, 1] - expected[:, 0], rtol=1e-9,
+                               atol=1e-9)
+    np.testing.assert_allclose(clf.predict_proba(queries).sum(axis=1), 1.0)
+
+
+def test_nearest_demonstrations_are_bounded_by_the_prompt_length():
+    X, y = _data(n_per_class=4, n_tokens=6)
+    unbounded = _tiny(demonstrations="nearest", n_examples_per_class=3).fit(X, y)
+    # The tiny model's context (max_position_embeddings) is the bound unless max_prompt_tokens is set.
+    assert unbounded.max_prompt_tokens_ == 4096
+    query = X[0]
+    full = unbounded.demonstrations_for([query])[0]
+    assert len(full) == 9
+    queries, continuations = unbounded.scoring_requests([query])
+    lengths = [unbounded.backend_.prompt_length(unbounded.prompt_.write(
+        [(X[i], int(np.searchsorted(unbounded.classes_, y[i]))) for i in full[-3 * r:]]), queries, continuations)
+        for r in (1, 2, 3)]
+    assert lengths[0] < lengths[1] < lengths[2]
+    bounded = clone(unbounded).set_params(max_prompt_tokens=lengths[1]).fit(X, y)
+    assert bounded.max_prompt_tokens_ == lengths[1]
+    np.testing.assert_array_equal(bounded.demonstrations_for([query])[0], full[-6:])  # the farthest round dropped
+    tight = clone(unbounded).set_params(max_prompt_tokens=lengths[1] - 1).fit(X, y)
+    np.testing.assert_array_equal(tight.demonstrations_for([query])[0], full[-3:])
+    too_tight = clone(unbounded).set_params(max_prompt_tokens=lengths[0] - 1).fit(X, y)
+    with pytest.raises(ValueError, match=rf"X\[0\]: its prompt with one demonstration per class takes {lengths[0]} "
+                                         rf"tokens, more than max_prompt_tokens={lengths[0] - 1}"):
+        too_tight.predict([query])
 
 
 # -- refit, clone, pickling --------------------------------------------------------------------------------------------

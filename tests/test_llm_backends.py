@@ -311,3 +311,16 @@ def test_a_broken_tokenizer_config_is_an_error_not_a_silent_loss_of_bos(tmp_path
         TextTokenizer.from_pretrained(str(folder))
     (folder / "tokenizer_config.json").unlink()  # absent is fine: no special tokens are known
     assert TextTokenizer.from_pretrained(str(folder)).bos_token_id is None
+
+
+def test_prompt_length_counts_the_ids_score_reads_and_the_context_is_the_models():
+    backend = HuggingFaceBackend(tiny_model_dir())
+    prefix, queries = "Input: shoe bag\nOutput: dax\n", ["Input: a\nOutput:", "Input: wool strap\nOutput:"]
+    prefix_ids, query_ids, label_ids = backend.tokenize(prefix, queries, LABELS)
+    # Byte-level tokenizer: BOS + one id per byte of the prefix, the longest query and the longest label.
+    assert backend.prompt_length(prefix, queries, LABELS) == 1 + len(prefix) + len(queries[1]) + len(" toma fep\n")
+    assert backend.prompt_length(prefix, queries, LABELS) == len(prefix_ids) + max(map(len, query_ids)) + max(
+        map(len, label_ids))
+    assert backend.context_length == 4096  # the tiny model's max_position_embeddings
+    server = OpenAICompatibleBackend("http://127.0.0.1:9/v1")  # tokenises on the server: cannot tell
+    assert server.prompt_length(prefix, queries, LABELS) is None and server.context_length is None

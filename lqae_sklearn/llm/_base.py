@@ -103,6 +103,33 @@ class LanguageModelBackend(ABC):
             every ``prefix + query``.
         """
 
+    def prompt_length(self, prefix: str, queries: Sequence[str], continuations: Sequence[str]) -> int | None:
+        """Tokens the model reads for the longest of the prompts ``prefix + query + continuation``.
+
+        The base class cannot tell (a server tokenises prompts itself) and returns
+        None; a backend with a local tokenizer counts.
+
+        Parameters
+        ----------
+        prefix : str
+            The shared part of the prompts.
+        queries : sequence of str
+            The texts after it.
+        continuations : sequence of str
+            The scored texts after each query.
+
+        Returns
+        -------
+        int or None
+            The token count of the longest prompt, or None.
+        """
+        return None
+
+    @property
+    def context_length(self) -> int | None:
+        """The longest prompt, in tokens, the model takes; None when unknown."""
+        return None
+
     @property
     @abstractmethod
     def identity(self) -> str:

@@ -183,6 +183,33 @@ class HuggingFaceBackend(LanguageModelBackend):
             raise ValueError("the prefix is empty and the model has no BOS token: nothing conditions the labels")
         return prefix_ids, query_ids, continuation_ids
 
+    def prompt_length(self, prefix: str, queries: Sequence[str], continuations: Sequence[str]) -> int:
+        """Tokens of the longest prompt ``prefix + query + continuation``, as :meth:`score` reads it (BOS included).
+
+        Parameters
+        ----------
+        prefix : str
+            The shared part of the prompts.
+        queries : sequence of str
+            The texts after it.
+        continuations : sequence of str
+            The scored texts after each query.
+
+        Returns
+        -------
+        int
+            The number of token ids of the longest prompt, each part tokenised
+            separately as in :meth:`tokenize`.
+        """
+        prefix_ids, query_ids, continuation_ids = self.tokenize(prefix, queries, continuations)
+        return len(prefix_ids) + max((len(q) for q in query_ids), default=0) + max(len(c) for c in continuation_ids)
+
+    @property
+    def context_length(self) -> int | None:
+        """The model's ``max_position_embeddings`` (loads the model if needed); None if its config has none."""
+        value = getattr(self.torch_model.config, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) and value > 0 else None
+
     def score(self, prefix, queries, continuations) -> ContinuationScores:
         import torch
         from transformers import DynamicCache

@@ -11,8 +11,12 @@ preference, since every class is scored on the same text.
 
 from __future__ import annotations
 
+import itertools
+import math
 import string
 from dataclasses import dataclass
+
+import numpy as np
 
 DEFAULT_PROMPT = "Input: {input}\nOutput: {label}\n"
 #: Channel scoring reads the label first, then the input it explains.
@@ -33,8 +37,12 @@ class FewShotPrompt:
         Which of the two fields is scored (the label, or for channel the input).
     labels : tuple of str
         The class labels as the prompt writes them.
-    prefix : str
-        The instruction line and the demonstrations: shared by every query.
+    header : str
+        The instruction line ("" when there is none): the start of every prompt.
+    demonstrations : tuple of (str, int)
+        The demonstrations every query shares, ``(input text, label index)``, in
+        their first order, inputs already cut to ``max_tokens_per_item``; empty
+        when each query gets its own (``demonstrations="nearest"``).
     max_tokens_per_item : int or None
         How many whitespace-separated tokens of each input, demonstration or
         query, the prompt writes (None: all of them).
@@ -43,13 +51,14 @@ class FewShotPrompt:
     template: str
     label_scoring: str
     labels: tuple
-    prefix: str
+    header: str
+    demonstrations: tuple
     max_tokens_per_item: int | None = None
 
     @classmethod
     def build(cls, template, label_scoring, labels, demonstrations, instruction=None,
               max_tokens_per_item=None) -> "FewShotPrompt":
-        """Write ``demonstrations`` (``(input text, label index)`` pairs, in order) into ``template``.
+        """Check ``template`` and keep ``demonstrations`` (``(input text, label index)`` pairs, in order).
 
         ``template=None`` picks the scoring's default. ``instruction`` (with an
         optional ``{labels}`` field) becomes a first line. Every input, here and in
@@ -57,19 +66,36 @@ class FewShotPrompt:
         """
         if template is None:
             template = DEFAULT_CHANNEL_PROMPT if label_scoring == "channel" else DEFAULT_PROMPT
-        head, between, tail = split_template(template, _field_order(label_scoring))
-        channel = label_scoring == "channel"
-        written = []
-        for text, k in demonstrations:
-            text = first_tokens(text, max_tokens_per_item)
-            first, second = (labels[k], text) if channel else (text, labels[k])
-            written.append(head + first + between + second + tail)
+        split_template(template, _field_order(label_scoring))  # raises on a bad template
         line = ""
         if instruction is not None:
             line = instruction.format(labels=", ".join(labels))
             if not line.endswith("\n"):
                 line += "\n"
-        return cls(template, label_scoring, tuple(labels), line + "".join(written), max_tokens_per_item)
+        demonstrations = tuple((first_tokens(text, max_tokens_per_item), int(k)) for text, k in demonstrations)
+        return cls(template, label_scoring, tuple(labels), line, demonstrations, max_tokens_per_item)
+
+    def write(self, demonstrations=None) -> str:
+        """The prompt up to the query: the header, then ``demonstrations`` (default: the shared ones) in order.
+
+        ``demonstrations`` are ``(input text, label index)`` pairs; their inputs are
+        cut to ``max_tokens_per_item`` tokens.
+        """
+        if demonstrations is None:
+            demonstrations = self.demonstrations
+        head, between, tail = split_template(self.template, _field_order(self.label_scoring))
+        channel = self.label_scoring == "channel"
+        written = []
+        for text, k in demonstrations:
+            text = first_tokens(text, self.max_tokens_per_item)
+            first, second = (self.labels[k], text) if channel else (text, self.labels[k])
+            written.append(head + first + between + second + tail)
+        return self.header + "".join(written)
+
+    @property
+    def prefix(self) -> str:
+        """The header and the shared demonstrations in their first order: what :meth:`write` writes by default."""
+        return self.write()
 
     def requests(self, texts) -> tuple[list[str], list[str]]:
         """``(queries, continuations)``: the backend scores every continuation after every ``prefix + query``.
@@ -86,16 +112,63 @@ class FewShotPrompt:
         fields, scored = (self.labels, texts) if self.label_scoring == "channel" else (texts, self.labels)
         return [head + f + stripped for f in fields], [spaces + s + tail for s in scored]
 
-    def render(self, text: str, label_index: int | None = None) -> str:
-        """The exact text the LLM reads for ``text``: up to the scored part, or with label ``label_index`` scored."""
+    def render(self, text: str, label_index: int | None = None, demonstrations=None) -> str:
+        """The exact text the LLM reads for ``text``: up to the scored part, or with label ``label_index`` scored.
+
+        ``demonstrations`` as in :meth:`write` (default: the shared ones).
+        """
+        prefix = self.write(demonstrations)
         queries, continuations = self.requests([text])
         if label_index is None:
             if self.label_scoring == "channel":
                 raise ValueError("channel scoring reads the input after each label: pass a label to see one prompt")
-            return self.prefix + queries[0]
+            return prefix + queries[0]
         if self.label_scoring == "channel":
-            return self.prefix + queries[label_index] + continuations[0]
-        return self.prefix + queries[0] + continuations[label_index]
+            return prefix + queries[label_index] + continuations[0]
+        return prefix + queries[0] + continuations[label_index]
+
+
+def demonstration_orders(n_demonstrations: int, n_orders: int) -> np.ndarray:
+    """The orders in which ``n_demonstrations`` demonstrations are written: rows of positions into their first order.
+
+    All ``n!`` orders (the first order first) when ``n! <= n_orders``. Otherwise
+    rotations of the first order: shifts ``0, 1, ..., m - 1`` with
+    ``m = min(n_orders, n)``; with ``m = n`` every demonstration stands at every
+    position exactly once, and with fewer each stands at ``m`` consecutive ones.
+    A rotation of interleaved demonstrations (one per class, round after round)
+    stays interleaved, and ``m`` consecutive shifts put each class last
+    ``m / n_classes`` times when ``m`` is a multiple of the number of classes.
+
+    Parameters
+    ----------
+    n_demonstrations : int
+        How many demonstrations the prompt holds (0 gives one empty order).
+    n_orders : int
+        The most orders wanted (at least 1).
+
+    Returns
+    -------
+    ndarray of int of shape (n_orders_used, n_demonstrations)
+        Row ``o`` lists, position by position, which demonstration of the first
+        order stands there; row 0 is the first order itself.
+
+    Examples
+    --------
+    >>> from lqae_sklearn.llm._prompt import demonstration_orders
+    >>> demonstration_orders(2, 4).tolist()
+    [[0, 1], [1, 0]]
+    >>> demonstration_orders(4, 4).tolist()
+    [[0, 1, 2, 3], [1, 2, 3, 0], [2, 3, 0, 1], [3, 0, 1, 2]]
+    """
+    n, wanted = int(n_demonstrations), int(n_orders)
+    if n < 0 or wanted < 1:
+        raise ValueError(f"need n_demonstrations >= 0 and n_orders >= 1, got {n} and {wanted}")
+    if n <= 1:
+        return np.arange(n, dtype=np.int64)[None, :]
+    if math.factorial(n) <= wanted:
+        return np.array(list(itertools.permutations(range(n))), dtype=np.int64)
+    shifts = np.arange(min(wanted, n))
+    return (np.arange(n)[None, :] + shifts[:, None]) % n
 
 
 def first_tokens(text: str, limit: int | None) -> str:
