@@ -166,3 +166,18 @@ def _calls(records):
         marker = this
     if group:
         yield group
+
+
+def write_results(out, lines, record: dict) -> None:
+    """``out``.md (the table ``lines``) and ``out``.json (``record`` with this machine's threads and load)."""
+    import platform
+
+    import torch
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else []
+    record = {**record, "torch_threads": torch.get_num_threads(),
+              "machine": platform.processor() or platform.machine(), "load_average": load}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1), encoding="utf-8")

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fewshot_cache import MemoBackend, token_codes, token_texts  # noqa: E402
+from fewshot_cache import MemoBackend, token_codes, token_texts, write_results  # noqa: E402
 
 from lqae_sklearn import LLMFewShotClassifier  # noqa: E402
 from lqae_sklearn.datasets import fetch_fashion_mnist  # noqa: E402
@@ -217,21 +216,7 @@ def write(args, argv, cells):
             cost = f"{m['llm_seconds_per_episode']:.2f}" if m.get("llm_seconds_per_episode") else ""
             lines.append(f"| {cell['way']}-way {cell['shot']}-shot | {name} | {m['mean']:.3f} ± {m['ci95']:.3f} | "
                          f"{spread} | {cost} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    record = {"command": command, "args": vars(args), "torch_threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine(), "load_average": list(_load()), "cells": cells}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1), encoding="utf-8")
-
-
-def _load():
-    try:
-        import os
-
-        return os.getloadavg()
-    except OSError:
-        return ()
+    write_results(args.out, lines, {"command": command, "args": vars(args), "cells": cells})
 
 
 if __name__ == "__main__":

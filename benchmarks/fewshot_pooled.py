@@ -27,8 +27,6 @@ Example (the command of ``docs/benchmarks.md``, "Few-shot options", pooled task)
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,7 +37,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fewshot_cache import MemoBackend, token_texts  # noqa: E402
+from fewshot_cache import MemoBackend, token_texts, write_results  # noqa: E402
 
 from lqae_sklearn import LLMFewShotClassifier  # noqa: E402
 from lqae_sklearn.datasets import fetch_fashion_mnist  # noqa: E402
@@ -155,16 +153,7 @@ def write(args, argv, rows):
         cost = "" if r["llm_seconds_per_query"] is None else f"{r['llm_seconds_per_query']:.2f}"
         lines.append(f"| {r['per_class']} | {r['method']} | {r['accuracy']:.3f} ± {r['ci95']:.3f} | {cost} | "
                      f"{r['wall_seconds']:.0f} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    import os
-
-    record = {"command": command, "args": vars(args), "torch_threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine(), "load_average": list(os.getloadavg()),
-              "rows": rows}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1), encoding="utf-8")
-
+    write_results(args.out, lines, {"command": command, "args": vars(args), "rows": rows})
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
+from ._exit import EXIT_OK, UsageProblem, exit_with
 
 EPILOG = """\b
 What it measures, all on the same train/test split (probes train on the
@@ -68,10 +68,6 @@ Examples:
 """
 
 
-class UsageProblem(Exception):
-    """A problem with the command line or its inputs (exit status 2)."""
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog=EPILOG)
 @click.argument("checkpoint", metavar="CHECKPOINT")
 @click.option("--data", default="fashion-mnist", show_default=True, metavar="fashion-mnist|DIR",
@@ -118,20 +114,12 @@ def cli(ctx, checkpoint, data, test_data, test_fraction, quick, train_images, te
     CHECKPOINT is a checkpoint folder, a .safetensors file, or the name of a
     shipped one (fashion-mnist-small-28). Prints Markdown tables.
     """
-    try:
-        code = run(checkpoint, data=data, test_data=test_data, test_fraction=test_fraction, quick=quick,
-                   n_train=train_images, n_test=test_images, kmeans_patches=kmeans_patches,
-                   kmeans_sizes=kmeans_sizes or (1024, 4096), ways=ways or (2, 5), n_episodes=episodes,
-                   llm_episodes=llm_episodes, C=C, max_iter=max_iter, random_state=seed, device=device,
-                   batch_size=batch_size, out=out, progress=sys.stderr.isatty() if progress is None else progress,
-                   command=_command(ctx))
-    except UsageProblem as exc:
-        click.echo(f"lqae-eval: error: {exc}", err=True)
-        code = EXIT_USAGE
-    except KeyboardInterrupt:
-        click.echo("lqae-eval: interrupted by Ctrl-C", err=True)
-        code = EXIT_INTERRUPTED
-    sys.exit(code)
+    exit_with("lqae-eval", lambda: run(
+        checkpoint, data=data, test_data=test_data, test_fraction=test_fraction, quick=quick, n_train=train_images,
+        n_test=test_images, kmeans_patches=kmeans_patches, kmeans_sizes=kmeans_sizes or (1024, 4096),
+        ways=ways or (2, 5), n_episodes=episodes, llm_episodes=llm_episodes, C=C, max_iter=max_iter,
+        random_state=seed, device=device, batch_size=batch_size, out=out,
+        progress=sys.stderr.isatty() if progress is None else progress, command=_command(ctx)))
 
 
 def run(checkpoint, *, out, command, **options) -> int:

@@ -9,7 +9,7 @@ import sys
 import click
 import numpy as np
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+from ._exit import EXIT_FAILED, EXIT_OK, UsageProblem, exit_with
 
 METHOD_CHOICES = ("llm", "shuffled", "pixels")
 METHOD_TITLES = {"llm": "LQAE tokens + LLM", "shuffled": "shuffled tokens + LLM", "pixels": "pixel prototypes"}
@@ -69,10 +69,6 @@ Examples:
   lqae-fewshot examples/fashion-mnist --way 2 --shot 1 --episodes 10
   lqae-fewshot my-photos/ --method pixels --json results.json
 """
-
-
-class UsageProblem(Exception):
-    """A problem with the command line or its inputs (exit status 2)."""
 
 
 def _parse_methods(ctx, param, values):
@@ -176,19 +172,11 @@ def cli(source, ways, shots, queries, episodes, seed, methods, checkpoint, llm, 
 
     SOURCE is "fashion-mnist" or a folder of class subfolders (see below).
     """
-    try:
-        code = run(source, ways=ways or (2, 5), shots=shots or (1, 5), n_query=queries, n_episodes=episodes,
-                   seed=seed, methods=methods, checkpoint=checkpoint, llm=llm, scoring=scoring,
-                   token_grid=token_grid, instruction=instruction, n_orders=n_orders, calibration=calibration,
-                   max_tokens_per_item=max_tokens_per_item, device=device,
-                   json_path=json_path, progress=progress)
-    except UsageProblem as exc:
-        click.echo(f"lqae-fewshot: error: {exc}", err=True)
-        code = EXIT_USAGE
-    except KeyboardInterrupt:
-        click.echo("lqae-fewshot: interrupted by Ctrl-C", err=True)
-        code = EXIT_INTERRUPTED
-    sys.exit(code)
+    exit_with("lqae-fewshot", lambda: run(
+        source, ways=ways or (2, 5), shots=shots or (1, 5), n_query=queries, n_episodes=episodes, seed=seed,
+        methods=methods, checkpoint=checkpoint, llm=llm, scoring=scoring, token_grid=token_grid,
+        instruction=instruction, n_orders=n_orders, calibration=calibration,
+        max_tokens_per_item=max_tokens_per_item, device=device, json_path=json_path, progress=progress))
 
 
 def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, llm, scoring, token_grid,
