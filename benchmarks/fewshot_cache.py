@@ -25,15 +25,16 @@ import numpy as np
 from lqae_sklearn.llm import ContinuationScores, LanguageModelBackend
 
 
-def token_texts(path, train_per_class=50, device="cpu"):
+def token_texts(path, train_per_class=50, device="cpu", token_grid="auto"):
     """``(test_texts, test_labels, train_texts, train_labels, train_index)`` of Fashion-MNIST, cached in ``path``.
 
-    The training images are the first ``train_per_class`` of each class, in split order (``train_index``).
+    The training images are the first ``train_per_class`` of each class, in split order (``train_index``);
+    ``token_grid`` is ``LQAETokenizer``'s (``"auto"``: the checkpoint's text grid, 3 x 3).
     """
     from lqae_sklearn import LQAETokenizer
     from lqae_sklearn.datasets import fetch_fashion_mnist
 
-    tokenizer = LQAETokenizer(output="text", device=device).fit()
+    tokenizer = LQAETokenizer(output="text", device=device, token_grid=token_grid).fit()
     key = f'{tokenizer.checkpoint_config_["weights_sha256"]}/grid{tokenizer.token_grid_}/train{train_per_class}'
     if path is not None and Path(path).exists():
         with np.load(path) as cached:

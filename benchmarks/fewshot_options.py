@@ -5,7 +5,9 @@ query per class they are the episodes of ``benchmarks/fewshot_eval.py``'s grid i
 ``LLMFewShotClassifier`` with the embedded Gemma 3 270M, channel scoring and the token text of
 ``LQAETokenizer(output="text")`` (shipped checkpoint: 3 x 3 tokens per image), under each variant:
 
-* ``o{N}``: ``n_orders=N``, no calibration (``o1``: one order of the demonstrations);
+* ``o{N}``: ``n_orders=N``, no calibration (``o1``: one order of the demonstrations), ``label_scoring="channel"``;
+  ``pc:o{N}`` (and every other name with ``pc:``): the same under ``label_scoring="channel_per_class"`` (one prompt
+  per class, holding that class's demonstrations; ``--scorings``);
 * ``o{N}+cf`` / ``o{N}+bc``: the same with ``calibration="content_free"`` / ``"batch"`` (the batch is the
   episode's queries, one per class);
 * ``near{K}`` / ``rand{K}`` (5-shot cells, ``--subset K``): ``K`` of the ``shot`` support images per class in each
@@ -80,6 +82,12 @@ def before_classifier(commit):
     return module.LLMFewShotClassifier
 
 
+#: Calibration variants, content-free first: its calls hold every cell the others ask for.
+CALIBRATION_VARIANTS = (("+cf", "content_free"), ("", None), ("+bc", "batch"))
+#: Variant names: the channel scoring's bare (``o1``), the per-class prompts' with ``pc:`` (``pc:o1``).
+SCORING_TAGS = {"channel": "", "channel_per_class": "pc:"}
+
+
 def variants(args):
     """(name, classifier class, parameters, n_examples_per_class or None for the shot) in the order they run.
 
@@ -87,13 +95,18 @@ def variants(args):
     ask for, so the others read them back.
     """
     out = []
-    for n in sorted(args.orders, reverse=True):
-        for suffix, calibration in (("+cf", "content_free"), ("", None), ("+bc", "batch")):
-            out.append((f"o{n}{suffix}", LLMFewShotClassifier, {"n_orders": n, "calibration": calibration}, None))
-    for k in args.subset:
-        for kind in ("nearest", "random"):
-            out.append((f"{kind[:4]}{k}", LLMFewShotClassifier,
-                        {"n_orders": args.subset_orders, "demonstrations": kind}, k))
+    for scoring in args.scorings:
+        tag = SCORING_TAGS[scoring]
+        for n in sorted(args.orders, reverse=True):
+            for suffix, calibration in CALIBRATION_VARIANTS:
+                if (calibration or "none") not in args.calibrations:
+                    continue
+                out.append((f"{tag}o{n}{suffix}", LLMFewShotClassifier,
+                            {"label_scoring": scoring, "n_orders": n, "calibration": calibration}, None))
+        for k in args.subset:
+            for kind in ("nearest", "random"):
+                out.append((f"{tag}{kind[:4]}{k}", LLMFewShotClassifier,
+                            {"label_scoring": scoring, "n_orders": args.subset_orders, "demonstrations": kind}, k))
     return out
 
 
@@ -104,6 +117,10 @@ def main(argv=None):
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--orders", type=_ints, default=[1], help="n_orders values, each run with every calibration")
+    parser.add_argument("--scorings", type=lambda t: [v for v in t.split(",") if v], default=["channel"],
+                        help=f"label_scoring values, each run with every variant: {', '.join(SCORING_TAGS)}")
+    parser.add_argument("--calibrations", type=lambda t: [v for v in t.split(",") if v],
+                        default=["content_free", "none", "batch"], help="calibration variants to run (none: off)")
     parser.add_argument("--subset", type=_ints, default=[],
                         help="K < shot: nearest vs random K demonstrations per class (cells with shot > K only)")
     parser.add_argument("--subset-orders", type=int, default=1, help="n_orders of the --subset variants")
@@ -116,6 +133,8 @@ def main(argv=None):
     parser.add_argument("--reference", action="append", default=[],
                         help="NAME=FILE.json:METHOD: a per-episode column from fewshot_eval.py on the same episodes")
     parser.add_argument("--texts", default="texts_g3.npz", help="cache of the token texts (made if missing)")
+    parser.add_argument("--token-grid", type=int, default=None,
+                        help="LQAETokenizer token_grid of the texts (default: the checkpoint's text grid, 3)")
     parser.add_argument("--scores", default=None, help="JSON-lines cache of LLM scores (resumes a run)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report-every", type=int, default=20)
@@ -123,7 +142,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    texts, labels, *_ = token_texts(args.texts)
+    texts, labels, *_ = token_texts(args.texts, token_grid=args.token_grid or "auto")
     codes = token_codes(texts)
     images, pixel_labels = fetch_fashion_mnist(subset="test", return_X_y=True)
     assert np.array_equal(pixel_labels, labels)
@@ -158,8 +177,8 @@ def main(argv=None):
                             continue
                         backend.meter["name"] = name
                         tic = time.perf_counter()
-                        clf = cls(backend, n_examples_per_class=k or shot, label_scoring="channel",
-                                  random_state=episode.seed + s, **params)
+                        clf = cls(backend, n_examples_per_class=k or shot, random_state=episode.seed + s,
+                                  **{"label_scoring": "channel", **params})
                         predicted = clf.fit(support, episode.support_y).predict(query)
                         wall[name] += time.perf_counter() - tic
                         accuracy[name][s].append(float(np.mean(predicted == episode.query_y)))

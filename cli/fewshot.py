@@ -20,13 +20,15 @@ Protocol: each episode draws WAY classes, SHOT support and --queries query
 images per class (all distinct), and names the classes with nonsense words
 (dax, blicket, wug, ...) drawn afresh per episode. The LLM sees the support
 images as LQAE token text (3 x 3 tokens per image by default), one
-"<name>: <tokens>" line each, and each query goes to the name after which
-its tokens are likeliest (--scoring channel, the default and the most
-accurate in docs/benchmarks.md); with --scoring loglik the lines are
-"Input: <tokens>\\nOutput: <name>" pairs and the query gets the name whose
-log-likelihood after it is highest. Images are encoded once, before the
-first episode. The same episodes (fixed
-by --seed) are given to every method:
+"<name>: <tokens>" line each. With --scoring channel_per_class (the default
+and the most accurate in docs/benchmarks.md) each class gets a prompt of
+its own support lines only, and the query goes to the class after whose
+lines its tokens are likeliest; --scoring channel writes every class's
+lines into one prompt and scores the query after each name; with --scoring
+loglik the lines are "Input: <tokens>\\nOutput: <name>" pairs and the query
+gets the name whose log-likelihood after it is highest. Images are
+encoded once, before the first episode. The same episodes (fixed by
+--seed) are given to every method:
   llm       LQAE tokens + the LLM (embedded Gemma 3 270M unless --llm)
   shuffled  control: the episode's tokens dealt out at random between its
             images, so the text no longer depends on the image (chance)
@@ -137,11 +139,13 @@ def _check_pool(labels, ways, shots, n_query, source) -> None:
 @click.option("--llm", default=None, metavar="NAME|URL",
               help="Hugging Face causal LM name or folder, or an OpenAI-compatible server root "
                    "(http://host:8000/v1) [default: the embedded Gemma 3 270M].")
-@click.option("--scoring", type=click.Choice(["channel", "loglik", "mean_loglik"]), default="channel",
+@click.option("--scoring", type=click.Choice(["channel_per_class", "channel", "loglik", "mean_loglik"]),
+              default="channel_per_class",
               show_default=True,
-              help="Class score: channel, the query's log-likelihood after each label (label-first "
-                   "demonstrations); or loglik / mean_loglik, the label's total / per-token log-likelihood "
-                   "after the query.")
+              help="Class score: channel_per_class, the query's log-likelihood after each class's own "
+                   "demonstrations (one prompt per class); channel, after each label in one prompt of every "
+                   "class (label-first demonstrations); or loglik / mean_loglik, the label's total / per-token "
+                   "log-likelihood after the query.")
 @click.option("--token-grid", type=click.IntRange(min=1), default=None, metavar="G",
               help="G x G tokens per image (LQAETokenizer(token_grid=G)); the checkpoint's patch grid (7 for "
                    "the packaged one) writes one token per patch, as the paper does [default: the grid the "

@@ -142,6 +142,7 @@ def test_bad_option_is_a_usage_error(tmp_path):
     ([], None, None),  # the classifier's defaults
     (["--orders", "1", "--calibration", "batch"], 1, "batch"),
     (["--orders", "2", "--calibration", "content_free"], 2, "content_free"),
+    (["--orders", "2", "--scoring", "channel"], 2, None),
 ])
 def test_orders_and_calibration_reach_the_classifier(tmp_path, monkeypatch, options, orders, calibration):
     from _llm_models import tiny_model_dir
@@ -152,7 +153,8 @@ def test_orders_and_calibration_reach_the_classifier(tmp_path, monkeypatch, opti
     predict_proba = LLMFewShotClassifier.predict_proba
 
     def recording(self, X):
-        seen.append((self.n_orders_, len(self.orders_), self.calibration_, len(X)))
+        used = len(self.orders_) if self.orders_ is not None else None  # None: each class orders its own
+        seen.append((self.label_scoring, self.n_orders_, used, self.calibration_, len(X)))
         return predict_proba(self, X)
 
     monkeypatch.setattr(LLMFewShotClassifier, "predict_proba", recording)
@@ -164,7 +166,9 @@ def test_orders_and_calibration_reach_the_classifier(tmp_path, monkeypatch, opti
     defaults = LLMFewShotClassifier()
     orders = defaults.n_orders if orders is None else orders
     calibration = defaults.calibration if calibration is None else calibration
-    # 2 demonstrations: min(orders, 2) orders; every episode's 2 queries go to one predict_proba call.
-    assert seen == [(orders, min(orders, 2), calibration, 2)] * 2
+    scoring = "channel" if "channel" in options else defaults.label_scoring
+    # One prompt of 2 demonstrations: min(orders, 2) orders; every episode's 2 queries go to one predict_proba call.
+    used = min(orders, 2) if scoring == "channel" else None
+    assert seen == [(scoring, orders, used, calibration, 2)] * 2
     record = json.loads(out.read_text())
     assert (record["n_orders"], record["calibration"]) == (orders, calibration)

@@ -108,11 +108,14 @@ def test_default_text_is_nine_coarse_tokens(data):
     assert [len(t.split()) for t in texts] == [9] * 5
 
 
-def test_the_classifier_scores_through_the_noisy_channel_by_default():
+def test_the_classifier_scores_the_query_after_each_classs_own_demonstrations_by_default():
     clf = LLMFewShotClassifier(tiny_model_dir(), random_state=0)
-    assert clf.label_scoring == "channel"
+    assert clf.label_scoring == "channel_per_class"
     clf.fit(["shoe bag", "wool heel"], ["dax", "wug"])
-    assert clf.prompt_.label_scoring == "channel" and clf.prompt_.template == "{label}: {input}\n"
+    assert clf.prompt_.label_scoring == "channel_per_class" and clf.prompt_.template == "{label}: {input}\n"
+    # Each class's prompt holds its own demonstration only.
+    assert clf.format_prompt("shoe", "dax") == "dax: shoe bag\ndax: shoe\n"
+    assert clf.format_prompt("shoe", "wug") == "wug: wool heel\nwug: shoe\n"
     proba = clf.predict_proba(["shoe bag"])
     np.testing.assert_allclose(proba.sum(axis=1), 1.0)
 

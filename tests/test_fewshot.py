@@ -54,7 +54,7 @@ def _data(n_per_class=4, classes=("dax", "blicket", "wug"), seed=0, n_tokens=6):
 
 def _tiny(**params):
     """The tiny model with direct scoring unless told otherwise: most tests here read the direct prompt's text
-    (the default, channel, is pinned down in test_defaults.py and by the tests that ask for it)."""
+    (the default, channel per class, is pinned down in test_defaults.py and by the tests that ask for it)."""
     return LLMFewShotClassifier(tiny_model_dir(), random_state=0, **{"label_scoring": "loglik", **params})
 
 
@@ -69,9 +69,10 @@ EXPECTED_FAILED_CHECKS = {
         "check_methods_sample_order_invariance": BATCH_ROUNDING,
         "check_methods_subset_invariance": BATCH_ROUNDING,
     },
-    # Under channel scoring (the default), reordering the queries left their scores within 1e-7 on the tiny
-    # model (passed on 2026-11-30); taking a subset still moves them.
+    # Under the channel scorings, reordering the queries left their scores within 1e-7 on the tiny model (passed
+    # on 2026-11-30 for "channel", 2026-12-06 for "channel_per_class", the default); a subset still moves them.
     "channel": {"check_methods_subset_invariance": BATCH_ROUNDING},
+    "channel_per_class": {"check_methods_subset_invariance": BATCH_ROUNDING},
 }
 
 
@@ -92,8 +93,8 @@ def _expected_failed_checks(estimator):
 
 @parametrize_with_checks([LLMFewShotClassifier(tiny_model_dir(), random_state=0),
                           LLMFewShotClassifier(tiny_model_dir(), label_scoring="loglik", random_state=0),
-                          LLMFewShotClassifier(tiny_model_dir(), demonstrations="nearest", n_orders=2,
-                                               calibration="content_free", random_state=0),
+                          LLMFewShotClassifier(tiny_model_dir(), label_scoring="channel", demonstrations="nearest",
+                                               n_orders=2, calibration="content_free", random_state=0),
                           LLMFewShotClassifier(tiny_model_dir(), n_orders=2, calibration="batch", random_state=0)],
                          expected_failed_checks=_expected_failed_checks)
 def test_scikit_learn_common_checks(estimator, check):
@@ -434,6 +435,79 @@ def test_scores_are_the_backends_loglikelihoods(scoring):
     np.testing.assert_array_equal(clf.predict(queries), clf.classes_[expected.argmax(1)])
     if scoring == "mean_loglik":  # byte-level tokens: "blicket" takes more of them than "dax"
         assert len(set(raw.n_tokens[0])) > 1
+
+
+# -- channel per class ------------------------------------------------------------------------------------------------
+def test_channel_per_class_scores_each_class_after_its_own_demonstrations_alone():
+    X, y = _data(n_per_class=3)
+    clf = _tiny(label_scoring="channel_per_class", n_examples_per_class=2, n_orders=2).fit(X, y)
+    assert clf.orders_ is None
+    queries = X[[1, 4, 7]]
+    expected = np.zeros((len(queries), len(clf.classes_)))
+    for k, label in enumerate(clf.classes_):
+        own = [(text, j) for text, j in clf.prompt_.demonstrations if j == k]
+        assert len(own) == 2
+        rows = []
+        for order in ([0, 1], [1, 0]):  # 2 demonstrations: both orders
+            prefix = clf.prompt_.write([own[j] for j in order])
+            assert prefix.count(f"{label}:") == 2 and all(f"{other}:" not in prefix
+                                                          for other in clf.classes_ if other != label)
+            rows.append(clf.backend_.score(prefix, [f"{label}:"], [f" {q}\n" for q in queries]).logprob[0])
+        expected[:, k] = np.mean(rows, axis=0)
+        # format_prompt shows the first order of the class's own prompt, then the scored query
+        assert clf.format_prompt(queries[0], label) == clf.prompt_.write(own) + f"{label}: {queries[0]}\n"
+    np.testing.assert_allclose(clf.decision_function(queries), expected, rtol=1e-12)
+    np.testing.assert_allclose(clf.predict_proba(queries), np.exp(expected) / np.exp(expected).sum(1, keepdims=True),
+                               rtol=1e-9)
+    np.testing.assert_array_equal(clf.predict(queries), clf.classes_[expected.argmax(1)])
+    shared = clone(clf).set_params(label_scoring="channel").fit(X, y)
+    assert not np.allclose(shared.decision_function(queries), expected)  # one prompt for all is another score
+
+
+def test_channel_per_class_calibrates_and_bounds_each_classs_prompt():
+    X, y = _data(n_per_class=3, classes=("dax", "blicket"))
+    clf = _tiny(label_scoring="channel_per_class", calibration="content_free", demonstrations="nearest").fit(X, y)
+    queries = X[[0, 4]]
+    expected = []
+    for query, shown in zip(queries, clf.demonstrations_for(queries)):
+        row = []
+        for k, label in enumerate(clf.classes_):  # classes_ is (blicket, dax)
+            own = [(X[i], k) for i in shown if y[i] == label]
+            assert len(own) == 1
+            raw = clf.backend_.score(clf.prompt_.write(own), [f"{label}:"],
+                                     [f" {t}\n" for t in (query, "N/A", "", "[MASK]")]).logprob[0]
+            row.append(raw[0] - raw[1:].mean())
+        expected.append(row)
+    expected = np.array(expected)
+    np.testing.assert_allclose(clf.decision_function(queries), expected[:, 1] - expected[:, 0], rtol=1e-9,
+                               atol=1e-9)
+    # The prompt-length bound counts each class's prompt, the longest of them, not all demonstrations together.
+    longest = max(clf.backend_.prompt_length(clf.prompt_.write([(X[i], k)]), [f"{label}:"], [f" {queries[0]}\n"])
+                  for i in clf.demonstrations_for(queries[:1])[0] for k, label in enumerate(clf.classes_)
+                  if y[i] == label)
+    np.testing.assert_array_equal(clone(clf).set_params(max_prompt_tokens=longest).fit(X, y).predict(queries[:1]),
+                                  clf.predict(queries[:1]))
+    with pytest.raises(ValueError, match=rf"takes {longest} tokens, more than max_prompt_tokens={longest - 1}"):
+        clone(clf).set_params(max_prompt_tokens=longest - 1).fit(X, y).predict(queries[:1])
+
+
+def test_channel_per_class_queries_with_the_same_nearest_example_of_a_class_share_its_prompt(monkeypatch):
+    X = np.array(["shoe shoe heel", "shoe heel heel", "bag strap wool", "wool wool bag"])
+    y = np.array(["dax", "dax", "wug", "wug"])
+    clf = _tiny(label_scoring="channel_per_class", demonstrations="nearest").fit(X, y)
+    queries = ["shoe shoe heel bag", "shoe shoe heel wool"]  # the same nearest dax, different nearest wugs
+    shown = clf.demonstrations_for(queries)
+    assert shown[0][0] == shown[1][0] == 0 and shown[0][1] != shown[1][1]
+    alone = np.concatenate([clf.decision_function([q]) for q in queries])
+    calls = []
+    score = type(clf.backend_).score
+    monkeypatch.setattr(type(clf.backend_), "score",
+                        lambda self, prefix, q, c: calls.append((prefix, list(q), list(c))) or score(self, prefix, q, c))
+    together = clf.decision_function(queries)
+    # Three prompts, not four: the shared dax prompt scores both queries in one call.
+    assert sorted((prefix, len(c)) for prefix, _, c in calls) == sorted(
+        [("dax: shoe shoe heel\n", 2), (f"wug: {X[shown[0][1]]}\n", 1), (f"wug: {X[shown[1][1]]}\n", 1)])
+    np.testing.assert_allclose(together, alone, rtol=1e-5)
 
 
 def test_binary_decision_function_is_a_difference():

@@ -66,7 +66,7 @@ def test_model_server_scores_match_local_backend():
     assert requests[0]["body"]["echo"] is True and requests[0]["body"]["max_tokens"] == 1
 
 
-@pytest.mark.parametrize("scoring", ["loglik", "channel"])
+@pytest.mark.parametrize("scoring", ["loglik", "channel", "channel_per_class"])
 def test_classifier_through_server_matches_embedded_gemma(scoring):
     """The classifier gives the same probabilities through HTTP as with the model in-process."""
     local = HuggingFaceBackend(device="cpu", dtype="float32")

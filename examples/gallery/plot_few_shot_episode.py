@@ -3,13 +3,15 @@ A few-shot episode with an LLM
 ==============================
 
 :class:`~lqae_sklearn.LLMFewShotClassifier` writes one labelled demonstration per
-class into a prompt, as token text, and scores each label for a query image.
+class, as token text, into a prompt of its own, and scores each class by how
+likely the query image's tokens are after it.
 The labels are nonsense words, so the LLM can only bind them to images through
 the demonstrations.
 
 **What to expect.** With the embedded Gemma 3 270M this is a demonstration of
 the mechanics, not of accuracy. The defaults used here are the best setting
-measured (channel scoring, 3 x 3 tokens per image): above chance, but behind a
+measured (the query's likelihood after each class's own demonstrations, 3 x 3
+tokens per image): above chance, but behind a
 nearest-prototype classifier on raw pixels in every episode type
 (:doc:`/user_guide/few_shot`, :doc:`/benchmarks`). One episode says nothing
 about accuracy either way.
@@ -34,16 +36,16 @@ labels = list(classes)
 
 few_shot = make_pipeline(
     LQAETokenizer(output="text"),  # nine tokens per image (the checkpoint's choice for text): a short prompt
-    LLMFewShotClassifier(random_state=0),  # channel scoring: p(tokens | label)
+    LLMFewShotClassifier(random_state=0),  # channel per class: p(tokens | that class's demonstrations)
 ).fit(support, labels)
 
 # %%
-# The prompt the LLM reads: one ``label: tokens`` line per demonstration.
-print(few_shot[-1].prompt_prefix_)
-
-# %%
-# A query: the other sneaker. Its right answer is "dax".
+# A query: the other sneaker. Its right answer is "dax". Each class has a prompt of its own: its
+# demonstration as a ``label: tokens`` line, then the query's tokens, whose likelihood is the class's score.
 query = sorted((folder / "sneaker").glob("*.png"))[1]
+query_text = few_shot[0].transform([query])[0]
+for label in few_shot.classes_:
+    print(few_shot[-1].format_prompt(query_text, label))
 display = FewShotEpisodeDisplay.from_estimator(few_shot, support, labels, query, query_label="dax")
 plt.show()
 print("predicted:", few_shot.classes_[display.proba.argmax()], "- right answer: dax")

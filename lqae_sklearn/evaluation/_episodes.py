@@ -26,6 +26,8 @@ from numbers import Integral
 
 import numpy as np
 
+from ..llm._prompt import CHANNEL_SCORINGS
+
 #: Made-up class names (Frozen's Open-Ended setting uses "dax" and "blicket").
 NONSENSE_LABELS = ("dax", "blicket", "wug", "toma", "fep", "zib", "kiki", "lorp", "mib", "tufa")
 
@@ -341,7 +343,7 @@ class LLMEpisodeRunner:
     def __init__(self, classifier, ids_to_text, shuffle=None, content_free=None):
         if shuffle is not None and shuffle not in SHUFFLES:
             raise ValueError(f"shuffle must be None or one of {SHUFFLES}, got {shuffle!r}")
-        if content_free is not None and getattr(classifier, "label_scoring", None) == "channel":
+        if content_free is not None and getattr(classifier, "label_scoring", None) in CHANNEL_SCORINGS:
             raise ValueError("content_free calibration divides label probabilities given an empty input; channel "
                              "scoring has no label prior to remove, so it takes content_free=None")
         self.classifier = classifier

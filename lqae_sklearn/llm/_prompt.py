@@ -7,6 +7,14 @@ is written label first, and the score is how likely the query's text is after
 each label. A small LLM prefers some labels whatever the input (the last
 demonstration's, a familiar word); the channel score cannot be decided by such a
 preference, since every class is scored on the same text.
+
+*Channel per class* (``"channel_per_class"``) scores the same text, the query's, but
+gives each class a prompt of its own that holds only that class's demonstrations:
+the score is ``log p(input | the class's demonstrations)``. A small LLM that cannot
+bind a nonsense label to the demonstration written after it still copies what its
+context holds, so the query's tokens are likelier after the demonstrations that
+share them (in-context copying). Every class is scored on the same text, as in the
+channel scoring, and no prompt shows two labels for the LLM to confuse.
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ import numpy as np
 DEFAULT_PROMPT = "Input: {input}\nOutput: {label}\n"
 #: Channel scoring reads the label first, then the input it explains.
 DEFAULT_CHANNEL_PROMPT = "{label}: {input}\n"
-LABEL_SCORINGS = ("loglik", "mean_loglik", "channel")
+LABEL_SCORINGS = ("loglik", "mean_loglik", "channel", "channel_per_class")
+#: The scorings that score the input after the label (label-first templates).
+CHANNEL_SCORINGS = ("channel", "channel_per_class")
 _SENTINEL_INPUT, _SENTINEL_LABEL = "\x00input\x00", "\x00label\x00"
 
 
@@ -33,8 +43,9 @@ class FewShotPrompt:
     ----------
     template : str
         The demonstration template, with ``{input}`` and ``{label}``.
-    label_scoring : {"loglik", "mean_loglik", "channel"}
-        Which of the two fields is scored (the label, or for channel the input).
+    label_scoring : {"loglik", "mean_loglik", "channel", "channel_per_class"}
+        Which of the two fields is scored (the label, or for the channel
+        scorings the input), and whether a prompt shows every class.
     labels : tuple of str
         The class labels as the prompt writes them.
     header : str
@@ -65,7 +76,7 @@ class FewShotPrompt:
         the queries, is cut to its first ``max_tokens_per_item`` tokens.
         """
         if template is None:
-            template = DEFAULT_CHANNEL_PROMPT if label_scoring == "channel" else DEFAULT_PROMPT
+            template = DEFAULT_CHANNEL_PROMPT if label_scoring in CHANNEL_SCORINGS else DEFAULT_PROMPT
         split_template(template, _field_order(label_scoring))  # raises on a bad template
         line = ""
         if instruction is not None:
@@ -84,13 +95,28 @@ class FewShotPrompt:
         if demonstrations is None:
             demonstrations = self.demonstrations
         head, between, tail = split_template(self.template, _field_order(self.label_scoring))
-        channel = self.label_scoring == "channel"
+        channel = self.channel
         written = []
         for text, k in demonstrations:
             text = first_tokens(text, self.max_tokens_per_item)
             first, second = (self.labels[k], text) if channel else (text, self.labels[k])
             written.append(head + first + between + second + tail)
         return self.header + "".join(written)
+
+    @property
+    def channel(self) -> bool:
+        """Whether the input is scored after the label (``"channel"``, ``"channel_per_class"``)."""
+        return self.label_scoring in CHANNEL_SCORINGS
+
+    @property
+    def per_class(self) -> bool:
+        """Whether each class gets a prompt of its own demonstrations (``"channel_per_class"``)."""
+        return self.label_scoring == "channel_per_class"
+
+    @staticmethod
+    def class_demonstrations(demonstrations, label_index: int) -> list:
+        """The ``(input text, label index)`` pairs of ``demonstrations`` whose label is ``label_index``, in order."""
+        return [(text, k) for text, k in demonstrations if k == label_index]
 
     @property
     def prefix(self) -> str:
@@ -109,21 +135,27 @@ class FewShotPrompt:
         head, between, tail = split_template(self.template, _field_order(self.label_scoring))
         stripped = between.rstrip(" ")
         spaces = between[len(stripped):]
-        fields, scored = (self.labels, texts) if self.label_scoring == "channel" else (texts, self.labels)
+        fields, scored = (self.labels, texts) if self.channel else (texts, self.labels)
         return [head + f + stripped for f in fields], [spaces + s + tail for s in scored]
 
     def render(self, text: str, label_index: int | None = None, demonstrations=None) -> str:
         """The exact text the LLM reads for ``text``: up to the scored part, or with label ``label_index`` scored.
 
-        ``demonstrations`` as in :meth:`write` (default: the shared ones).
+        ``demonstrations`` as in :meth:`write` (default: the shared ones); under
+        ``"channel_per_class"`` only those of class ``label_index`` are written.
         """
+        if demonstrations is None:
+            demonstrations = self.demonstrations
+        if self.per_class and label_index is not None:
+            demonstrations = self.class_demonstrations(demonstrations, label_index)
         prefix = self.write(demonstrations)
         queries, continuations = self.requests([text])
         if label_index is None:
-            if self.label_scoring == "channel":
-                raise ValueError("channel scoring reads the input after each label: pass a label to see one prompt")
+            if self.channel:
+                raise ValueError(f"{self.label_scoring} scoring reads the input after each label: pass a label to "
+                                 f"see one prompt")
             return prefix + queries[0]
-        if self.label_scoring == "channel":
+        if self.channel:
             return prefix + queries[label_index] + continuations[0]
         return prefix + queries[0] + continuations[label_index]
 
@@ -180,7 +212,7 @@ def first_tokens(text: str, limit: int | None) -> str:
 
 
 def _field_order(label_scoring: str) -> tuple[str, str]:
-    return ("label", "input") if label_scoring == "channel" else ("input", "label")
+    return ("label", "input") if label_scoring in CHANNEL_SCORINGS else ("input", "label")
 
 
 def check_instruction(instruction) -> None:
