@@ -10,7 +10,7 @@ and reports each scoring's seconds per episode (fit and predict) and the ratio o
 
 Example (the command of ``docs/benchmarks.md``, "Channel per class")::
 
-    python benchmarks/fewshot_scoring_cost.py --cells 2x1,5x1,2x5,5x5 --episodes 20 --texts texts_g3.npz \\
+    python benchmarks/fewshot_scoring_cost.py --cells 2x1,5x1,2x5 --episodes 20 --texts texts_g3.npz \\
         --out scoring_cost
 """
 
