@@ -356,6 +356,9 @@ def test_a_second_run_on_the_same_folder_is_refused_and_a_killed_runs_lock_dies_
         while not list(out.glob("part-*.parquet")):
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
+        # Stopped mid-run, the first run still holds its lock but cannot finish while the second one starts up
+        # (on a fast machine it otherwise could, and the second would rightly find every image done).
+        first.send_signal(signal.SIGSTOP)
         second = run_encode(*args)
         assert second.returncode == 2, second.stderr.decode()
         assert "another lqae-encode run is writing" in second.stderr.decode()
