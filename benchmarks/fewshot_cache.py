@@ -182,3 +182,12 @@ def write_results(out, lines, record: dict) -> None:
     record = {**record, "torch_threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine(), "load_average": load}
     out.with_suffix(".json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+
+
+def write_table(out, script, argv, description, columns, rows, record: dict) -> None:
+    """``out``.md: the command as run, ``description`` and a Markdown table of ``rows`` (lists of cells) under
+    ``columns``; ``out``.json: ``record`` with the command (``write_results``)."""
+    command = f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+    lines = [f"`{command}`", "", description, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    write_results(out, lines, {"command": command, **record})

@@ -5,7 +5,10 @@ query per class they are the episodes of ``benchmarks/fewshot_eval.py``'s grid i
 ``LLMFewShotClassifier`` with the embedded Gemma 3 270M, channel scoring and the token text of
 ``LQAETokenizer(output="text")`` (shipped checkpoint: 3 x 3 tokens per image), under each variant:
 
-* ``o{N}``: ``n_orders=N``, no calibration (``o1``: one order of the demonstrations), ``label_scoring="channel"``;
+* ``o{N}``: ``n_orders=N``, no calibration (``o1``: one order of the demonstrations), ``label_scoring="channel"``,
+  ``demonstrations="random"``; ``o{N}@nearest`` (and every name ending ``@nearest``): the same under
+  ``demonstrations="nearest"`` (``--demonstrations``; with all ``shot`` examples of a class in each prompt, the two
+  show the same images and differ only in their order: nearest last);
   ``pc:o{N}`` (and every other name with ``pc:``): the same under ``label_scoring="channel_per_class"`` (one prompt
   per class, holding that class's demonstrations; ``--scorings``);
 * ``o{N}+cf`` / ``o{N}+bc``: the same with ``calibration="content_free"`` / ``"batch"`` (the batch is the
@@ -101,8 +104,11 @@ def variants(args):
             for suffix, calibration in CALIBRATION_VARIANTS:
                 if (calibration or "none") not in args.calibrations:
                     continue
-                out.append((f"{tag}o{n}{suffix}", LLMFewShotClassifier,
-                            {"label_scoring": scoring, "n_orders": n, "calibration": calibration}, None))
+                for kind in args.demonstrations:
+                    at = "" if kind == "random" else f"@{kind}"
+                    out.append((f"{tag}o{n}{suffix}{at}", LLMFewShotClassifier,
+                                {"label_scoring": scoring, "n_orders": n, "calibration": calibration,
+                                 "demonstrations": kind}, None))
         for k in args.subset:
             for kind in ("nearest", "random"):
                 out.append((f"{tag}{kind[:4]}{k}", LLMFewShotClassifier,
@@ -121,6 +127,8 @@ def main(argv=None):
                         help=f"label_scoring values, each run with every variant: {', '.join(SCORING_TAGS)}")
     parser.add_argument("--calibrations", type=lambda t: [v for v in t.split(",") if v],
                         default=["content_free", "none", "batch"], help="calibration variants to run (none: off)")
+    parser.add_argument("--demonstrations", type=lambda t: [v for v in t.split(",") if v], default=["random"],
+                        help="demonstrations values of the o{N} variants: random, nearest")
     parser.add_argument("--subset", type=_ints, default=[],
                         help="K < shot: nearest vs random K demonstrations per class (cells with shot > K only)")
     parser.add_argument("--subset-orders", type=int, default=1, help="n_orders of the --subset variants")

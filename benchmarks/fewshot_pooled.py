@@ -30,6 +30,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -59,6 +60,28 @@ def _params(text):
     return out
 
 
+def pooled_task(texts_cache, train_per_class, queries, seed):
+    """The task's data: every class's first ``train_per_class`` training images (texts, pixels / 255, nonsense
+    names) and ``queries`` test images, as many per class (texts, pixels / 255, names), fixed by ``seed``."""
+    test_texts, test_y, train_texts, train_y, train_index = token_texts(texts_cache, train_per_class=train_per_class)
+    test_images, _ = fetch_fashion_mnist(subset="test", return_X_y=True)
+    train_images, _ = fetch_fashion_mnist(subset="train", return_X_y=True)
+    classes = np.unique(test_y)
+    rng = np.random.default_rng(seed)
+    # Each class's test images in one seeded order, whatever the number of queries: a run with more queries holds
+    # every query of a run with fewer, so it reuses their cached scores (a run can grow to 500 queries step by step).
+    shuffled = [rng.permutation(np.flatnonzero(test_y == c)) for c in classes]
+    query = np.sort(np.concatenate([order[: queries // len(classes)] for order in shuffled]))
+    # Nonsense names, as in the episodes: the LLM must bind them from the demonstrations.
+    names = np.array(NONSENSE_LABELS[: len(classes)], dtype=object)
+    test_y, train_y = names[np.searchsorted(classes, test_y)], names[np.searchsorted(classes, train_y)]
+    return SimpleNamespace(
+        classes=names, train_y=train_y, train_texts=train_texts,
+        train_pixels=train_images[train_index].reshape(len(train_index), -1) / 255.0,
+        query_texts=list(test_texts[query]), query_y=test_y[query],
+        query_pixels=test_images[query].reshape(len(query), -1) / 255.0)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--per-class", type=_ints, default=[20, 50], help="labelled training images per class")
@@ -77,25 +100,11 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
 
-    test_texts, test_y, train_texts, train_y, train_index = token_texts(args.texts, train_per_class=max([50, *args.per_class]))
-    test_images, _ = fetch_fashion_mnist(subset="test", return_X_y=True)
-    train_images, _ = fetch_fashion_mnist(subset="train", return_X_y=True)
-    train_pixels = train_images[train_index].reshape(len(train_index), -1) / 255.0
-    rng = np.random.default_rng(args.seed)
-    classes = np.unique(test_y)
-    if args.queries % len(classes):
-        parser.error(f"--queries {args.queries}: give a multiple of {len(classes)} (as many queries per class)")
-    per_query_class = args.queries // len(classes)
-    # Each class's test images in one seeded order, whatever --queries: a run with more queries holds every query
-    # of a run with fewer, so it reuses their cached scores (a run can grow to the 500 queries step by step).
-    shuffled = [rng.permutation(np.flatnonzero(test_y == c)) for c in classes]
-    query = np.sort(np.concatenate([order[:per_query_class] for order in shuffled]))
-    # Nonsense names, as in the episodes: the LLM must bind them from the demonstrations.
-    names = np.array(NONSENSE_LABELS[: len(classes)], dtype=object)
-    test_y, train_y = names[np.searchsorted(classes, test_y)], names[np.searchsorted(classes, train_y)]
-    classes = names
-    query_texts, query_y = list(test_texts[query]), test_y[query]
-    query_pixels = test_images[query].reshape(len(query), -1) / 255.0
+    if args.queries % 10:
+        parser.error(f"--queries {args.queries}: give a multiple of 10 (as many queries per class)")
+    task = pooled_task(args.texts, max([50, *args.per_class]), args.queries, args.seed)
+    classes, train_y, train_texts, train_pixels = task.classes, task.train_y, task.train_texts, task.train_pixels
+    query_texts, query_y, query_pixels = task.query_texts, task.query_y, task.query_pixels
     backend = MemoBackend(HuggingFaceBackend(device="cpu"), args.scores)
 
     rows, started = [], time.perf_counter()

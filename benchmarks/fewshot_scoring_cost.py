@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fewshot_cache import token_texts, write_results  # noqa: E402
+from fewshot_cache import token_texts, write_table  # noqa: E402
 
 from lqae_sklearn import LLMFewShotClassifier  # noqa: E402
 from lqae_sklearn.evaluation import sample_episodes  # noqa: E402
@@ -61,14 +61,14 @@ def main(argv=None):
                       "per_episode": {s: t / args.episodes for s, t in totals.items()},
                       "ratio_per_class_to_channel": totals["channel_per_class"] / totals["channel"]})
         print(f"{way}-way {shot}-shot: {cells[-1]['per_episode']}", file=sys.stderr, flush=True)
-    command = "python benchmarks/fewshot_scoring_cost.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    lines = [f"`{command}`", "", f"{args.episodes} episodes per cell, both scorings on each, alternating first; "
-             f"{args.threads} torch thread(s), CPU", "",
-             "| cell | channel s/episode | channel_per_class s/episode | per class / channel |", "|---|---|---|---|"]
-    for c in cells:
-        lines.append(f"| {c['way']}-way {c['shot']}-shot | {c['per_episode']['channel']:.2f} | "
-                     f"{c['per_episode']['channel_per_class']:.2f} | {c['ratio_per_class_to_channel']:.2f} |")
-    write_results(args.out, lines, {"command": command, "args": vars(args), "cells": cells})
+    write_table(args.out, "fewshot_scoring_cost.py", argv,
+                f"{args.episodes} episodes per cell, both scorings on each, alternating first; {args.threads} torch "
+                f"thread(s), CPU",
+                ["cell", "channel s/episode", "channel_per_class s/episode", "per class / channel"],
+                [[f"{c['way']}-way {c['shot']}-shot", f"{c['per_episode']['channel']:.2f}",
+                  f"{c['per_episode']['channel_per_class']:.2f}", f"{c['ratio_per_class_to_channel']:.2f}"]
+                 for c in cells],
+                {"args": vars(args), "cells": cells})
 
 
 if __name__ == "__main__":

@@ -35,8 +35,11 @@ encoded once, before the first episode. The same episodes (fixed by
   pixels    non-LLM baseline: nearest class mean of raw pixels (squared L2)
 Each cell prints the mean accuracy over episodes ± the half-width of its
 95% confidence interval (Student t over per-episode accuracies).
-Every support image of an episode is a demonstration; --orders N scores
-each query under up to N orders of them (a cost of N). --calibration batch
+Every support image of an episode is a demonstration, in the order
+--demonstrations gives: nearest (the default) puts each class's examples
+nearest to the query last, random keeps the support set's order for every
+query; --orders N scores each query under up to N orders of them (a cost
+of N). --calibration batch
 subtracts each name's mean score over the episode's queries, which come in
 equal numbers per class: an answer depends on the other queries, and in a
 2-way episode with --queries 1 the two answers always differ (but for an
@@ -153,6 +156,10 @@ def _check_pool(labels, ways, shots, n_query, source) -> None:
                    "packaged one].")
 @click.option("--instruction", default=None, metavar="TEXT",
               help='Task line before the demonstrations, e.g. "Answer with one of: {labels}." [default: none].')
+@click.option("--demonstrations", type=click.Choice(["nearest", "random"]), default=None,
+              help="Order of each class's support images in a query's prompt: nearest to the query last, or the "
+                   "support set's order for every query (LLMFewShotClassifier(demonstrations=...)) [default: the "
+                   "classifier's].")
 @click.option("--orders", "n_orders", type=click.IntRange(min=1), default=None, metavar="N",
               help="Score each query under up to N orders of the demonstrations and average (all orders when "
                    "they are at most N, else rotations; LLMFewShotClassifier(n_orders=N)) [default: the "
@@ -171,7 +178,7 @@ def _check_pool(labels, ways, shots, n_query, source) -> None:
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar over episodes [default: only when stderr is a terminal].")
 def cli(source, ways, shots, queries, episodes, seed, methods, checkpoint, llm, scoring, token_grid, instruction,
-        n_orders, calibration, max_tokens_per_item, device, json_path, progress):
+        demonstrations, n_orders, calibration, max_tokens_per_item, device, json_path, progress):
     """Few-shot image classification with LQAE tokens and an LLM; prints an accuracy table.
 
     SOURCE is "fashion-mnist" or a folder of class subfolders (see below).
@@ -179,12 +186,13 @@ def cli(source, ways, shots, queries, episodes, seed, methods, checkpoint, llm, 
     exit_with("lqae-fewshot", lambda: run(
         source, ways=ways or (2, 5), shots=shots or (1, 5), n_query=queries, n_episodes=episodes, seed=seed,
         methods=methods, checkpoint=checkpoint, llm=llm, scoring=scoring, token_grid=token_grid,
-        instruction=instruction, n_orders=n_orders, calibration=calibration,
+        instruction=instruction, demonstrations=demonstrations, n_orders=n_orders, calibration=calibration,
         max_tokens_per_item=max_tokens_per_item, device=device, json_path=json_path, progress=progress))
 
 
 def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, llm, scoring, token_grid,
-        instruction, n_orders, calibration, max_tokens_per_item, device, json_path, progress) -> int:
+        instruction, demonstrations, n_orders, calibration, max_tokens_per_item, device, json_path,
+        progress) -> int:
     """Load SOURCE, encode it once, run the grid and print the table; returns the exit status."""
     from lqae_sklearn.model import CheckpointError, read_checkpoint_config
     from lqae_sklearn.evaluation import (
@@ -247,13 +255,17 @@ def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, 
         except (ImportError, OSError, ValueError, TypeError, LLMBackendError) as exc:
             raise UsageProblem(f"LLM {llm or 'embedded Gemma 3 270M'!r} cannot be loaded: {exc}") from exc
         options = {}
+        if demonstrations is not None:
+            options["demonstrations"] = demonstrations
         if n_orders is not None:
             options["n_orders"] = n_orders
         if calibration is not None:
             options["calibration"] = None if calibration == "none" else calibration
         classifier = LLMFewShotClassifier(backend, label_scoring=scoring, instruction=instruction,
                                           max_tokens_per_item=max_tokens_per_item, **options)
-        n_orders, calibration = classifier.n_orders, classifier.calibration  # as run, for the JSON record
+        # As run, for the JSON record.
+        demonstrations, n_orders, calibration = (classifier.demonstrations, classifier.n_orders,
+                                                 classifier.calibration)
         for name, shuffle in (("llm", None), ("shuffled", "across")):
             if name in methods:
                 runner = LLMEpisodeRunner(classifier, tokenizer.ids_to_text, shuffle=shuffle)
@@ -284,7 +296,8 @@ def run(source, *, ways, shots, n_query, n_episodes, seed, methods, checkpoint, 
     if json_path is not None:
         record = {"source": source, "checkpoint": str(checkpoint_path), "llm": llm or "embedded Gemma 3 270M",
                   "scoring": scoring, "token_grid": tokenizer.token_grid_ if tokenizer is not None else token_grid,
-                  "instruction": instruction, "n_orders": n_orders, "calibration": calibration,
+                  "instruction": instruction, "demonstrations": demonstrations, "n_orders": n_orders,
+                  "calibration": calibration,
                   "max_tokens_per_item": max_tokens_per_item, "seed": seed, "cells": cells}
         with open(json_path, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)

@@ -43,6 +43,8 @@ from .llm._prompt import LABEL_SCORINGS, FewShotPrompt, check_instruction, demon
 
 DEMONSTRATIONS = ("random", "nearest")
 #: Defaults chosen by measurement: see the class's docstring and docs/benchmarks.md.
+DEFAULT_N_EXAMPLES_PER_CLASS = 5
+DEFAULT_DEMONSTRATIONS = "nearest"
 DEFAULT_N_ORDERS = 1
 DEFAULT_CALIBRATION = None
 DEFAULT_LABEL_SCORING = "channel_per_class"
@@ -51,9 +53,11 @@ DEFAULT_LABEL_SCORING = "channel_per_class"
 class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
     """Classify texts by prompting a causal language model with a few labelled examples.
 
-    ``fit`` chooses ``n_examples_per_class`` demonstrations per class and writes them
-    into a prompt; ``predict_proba`` appends each query and scores every class as a
-    continuation of the prompt. Nothing is trained: the LLM stays frozen.
+    ``fit`` keeps the labelled examples; ``predict_proba`` shows each query, for every
+    class, that class's ``n_examples_per_class`` examples nearest to it, and scores how
+    likely the LLM finds the query's text after them (by default; see
+    ``demonstrations`` and ``label_scoring`` for the other ways). Nothing is trained:
+    the LLM stays frozen.
 
     Parameters
     ----------
@@ -67,33 +71,53 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         for which servers were checked). A
         :class:`~lqae_sklearn.llm.LanguageModelBackend` object is copied, never
         changed, and the copy is loaded.
-    n_examples_per_class : int, default=1
+    n_examples_per_class : int, default=5
         Demonstrations per class (the "shots") in each prompt. A class with fewer
-        training samples contributes all of them.
-    demonstrations : {"random", "nearest"}, default="random"
-        Which training examples a prompt shows. ``"random"``: ``fit`` draws
-        ``n_examples_per_class`` of each class (``random_state``) and every query
-        shares them. ``"nearest"``: ``fit`` keeps every example, and each query
-        gets, per class, the ``n_examples_per_class`` examples whose texts are
-        nearest to its own: cosine similarity of TF-IDF vectors over the
+        training samples contributes all of them, so with the default every
+        support image of a 1- to 5-shot episode is shown. The default was chosen
+        by measurement under nearest demonstrations (``docs/benchmarks.md``,
+        "Nearest demonstrations by default"; embedded Gemma 3 270M, per-class
+        prompts, 9 tokens per image): on a pooled 10-way Fashion-MNIST task the
+        5 nearest per class scored 0.598 against 0.560 for the 3 nearest (50
+        labelled images per class, 500 queries; paired +0.038 ± 0.030), and
+        0.553 against 0.577 with 20 per class (300 queries; −0.023 ± 0.038),
+        where the nearest alone scored 0.513; in 2-way 5-shot episodes all 5
+        scored 0.835 against 0.820 for the 3 nearest. It costs 1.36 times the LLM time per query of one nearest
+        demonstration per class (2.03 times that of one random one, the
+        defaults before; ``benchmarks/fewshot_pooled_cost.py``).
+    demonstrations : {"nearest", "random"}, default="nearest"
+        Which training examples a prompt shows, and in which order.
+        ``"nearest"``: ``fit`` keeps every example, and each query gets, per
+        class, the ``n_examples_per_class`` examples whose texts are nearest to
+        its own: cosine similarity of TF-IDF vectors over the
         whitespace-separated tokens, searched by scikit-learn's
         :class:`~sklearn.neighbors.NearestNeighbors` (kNN prompting). The nearest
         stand last, closest to the query; see ``max_prompt_tokens`` for the
-        bound on their number. Per-query prompts are shared only by queries
-        with the same demonstrations (under ``"channel_per_class"``, the same
-        ones of that class), so each query costs about its own pass over them.
-        The default, ``"random"``, keeps the shared prompts and a small fitted
-        state. On a pooled 10-way Fashion-MNIST task (``docs/benchmarks.md``,
-        "Channel per class"; embedded Gemma 3 270M, one demonstration per
-        class, 20 labelled images per class, 300 test queries) ``"nearest"``
-        scored 0.513 against 0.310 (paired +0.203 ± 0.069) at 1.5 times the LLM
-        time per query, below a 1-nearest-neighbour on the same similarity
-        without an LLM (0.577), which ``n_examples_per_class=3`` tied (0.577).
-        With 50 labelled images per class (500 queries, 3 demonstrations per
-        class) it scored 0.560 against 0.448 for 3 random ones (paired +0.112
-        ± 0.053), again just below the 1-nearest-neighbour (0.584). Under
-        ``"channel"`` it scored 0.343 against 0.247 (20 per class), and 0.290
-        against 0.203 (50 per class).
+        bound on their number. Prompts are shared only by queries with the same
+        demonstrations (under ``"channel_per_class"``, the same ones of that
+        class). ``"random"``: ``fit`` draws ``n_examples_per_class`` of each
+        class (``random_state``), which keep their order in ``X``, and every
+        query shares them.
+        The default, ``"nearest"``, was chosen by measurement
+        (``docs/benchmarks.md``, "Channel per class" and "Nearest demonstrations
+        by default"; embedded Gemma 3 270M, per-class prompts, 9 tokens per
+        image). With more labelled examples than a prompt shows it is the more
+        accurate: on a pooled 10-way Fashion-MNIST task, 0.513 against 0.310
+        with one demonstration per class (20 labelled images per class, 300
+        queries; paired +0.203 ± 0.069) and 0.560 against 0.448 with three (50
+        per class, 500 queries; paired +0.112 ± 0.053); with five, 0.598,
+        within noise of a k-nearest-neighbour classifier on the same similarity
+        without an LLM (k = 1: 0.584, k = 5: 0.612). Its predictions never depend on
+        ``random_state``. When every example is shown (an N-way K-shot episode
+        with K at most ``n_examples_per_class``) the two show the same examples
+        and differ only in their order: nearest last scored 0.835 against 0.810
+        in 2-way 5-shot (200 episodes, paired +0.025 ± 0.025), and 0.586
+        against 0.588 in 5-way 5-shot (100 episodes, −0.002 ± 0.030); with one
+        example per class the prompts are the same. The price: each query
+        scores prompts of its own where ``"random"`` shares one set among the
+        queries of a ``predict`` call (1.50 times the LLM time per query with
+        one demonstration per class, on the pooled task in batches of 10
+        queries), and the fitted state keeps every training text.
     n_orders : int, default=1
         Orders of the demonstrations each query is scored under; the class scores
         (log-probabilities) are averaged over them. With ``D`` demonstrations: all
@@ -222,9 +246,9 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         at each request.
     random_state : int, RandomState instance or None, default=None
         Chooses which demonstrations a prompt shows under
-        ``demonstrations="random"``, never their order. With every example used
-        (``n_examples_per_class`` at least the size of each class) and under
-        ``"nearest"``, predictions do not depend on it.
+        ``demonstrations="random"``, never their order. Predictions do not
+        depend on it under ``"nearest"`` (the default), nor when every example
+        is used (``n_examples_per_class`` at least the size of each class).
 
     Attributes
     ----------
@@ -339,8 +363,8 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         self,
         llm=None,
         *,
-        n_examples_per_class=1,
-        demonstrations="random",
+        n_examples_per_class=DEFAULT_N_EXAMPLES_PER_CLASS,
+        demonstrations=DEFAULT_DEMONSTRATIONS,
         n_orders=DEFAULT_N_ORDERS,
         calibration=DEFAULT_CALIBRATION,
         prompt=None,

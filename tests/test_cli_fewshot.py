@@ -138,13 +138,15 @@ def test_bad_option_is_a_usage_error(tmp_path):
     assert result.exit_code == 2 and "Invalid value for '--orders'" in result.stderr
 
 
-@pytest.mark.parametrize("options, orders, calibration", [
-    ([], None, None),  # the classifier's defaults
-    (["--orders", "1", "--calibration", "batch"], 1, "batch"),
-    (["--orders", "2", "--calibration", "content_free"], 2, "content_free"),
-    (["--orders", "2", "--scoring", "channel"], 2, None),
+@pytest.mark.parametrize("options, demonstrations, orders, calibration", [
+    ([], None, None, None),  # the classifier's defaults
+    (["--orders", "1", "--calibration", "batch"], None, 1, "batch"),
+    (["--orders", "2", "--calibration", "content_free"], None, 2, "content_free"),
+    (["--orders", "2", "--scoring", "channel", "--demonstrations", "random"], "random", 2, None),
+    (["--orders", "2", "--scoring", "channel", "--demonstrations", "nearest"], "nearest", 2, None),
 ])
-def test_orders_and_calibration_reach_the_classifier(tmp_path, monkeypatch, options, orders, calibration):
+def test_orders_and_calibration_reach_the_classifier(tmp_path, monkeypatch, options, demonstrations, orders,
+                                                     calibration):
     from _llm_models import tiny_model_dir
 
     from lqae_sklearn import LLMFewShotClassifier
@@ -154,7 +156,7 @@ def test_orders_and_calibration_reach_the_classifier(tmp_path, monkeypatch, opti
 
     def recording(self, X):
         used = len(self.orders_) if self.orders_ is not None else None  # None: each class orders its own
-        seen.append((self.label_scoring, self.n_orders_, used, self.calibration_, len(X)))
+        seen.append((self.label_scoring, self.demonstrations, self.n_orders_, used, self.calibration_, len(X)))
         return predict_proba(self, X)
 
     monkeypatch.setattr(LLMFewShotClassifier, "predict_proba", recording)
@@ -164,11 +166,14 @@ def test_orders_and_calibration_reach_the_classifier(tmp_path, monkeypatch, opti
                                       "--no-progress", *options])
     assert result.exit_code == 0, result.stderr
     defaults = LLMFewShotClassifier()
+    demonstrations = defaults.demonstrations if demonstrations is None else demonstrations
     orders = defaults.n_orders if orders is None else orders
     calibration = defaults.calibration if calibration is None else calibration
     scoring = "channel" if "channel" in options else defaults.label_scoring
-    # One prompt of 2 demonstrations: min(orders, 2) orders; every episode's 2 queries go to one predict_proba call.
-    used = min(orders, 2) if scoring == "channel" else None
-    assert seen == [(scoring, orders, used, calibration, 2)] * 2
+    # One shared prompt of 2 demonstrations: min(orders, 2) orders; None where each query's prompt (nearest) or
+    # each class's prompt orders its own. Every episode's 2 queries go to one predict_proba call.
+    used = min(orders, 2) if scoring == "channel" and demonstrations == "random" else None
+    assert seen == [(scoring, demonstrations, orders, used, calibration, 2)] * 2
     record = json.loads(out.read_text())
-    assert (record["n_orders"], record["calibration"]) == (orders, calibration)
+    assert (record["demonstrations"], record["n_orders"], record["calibration"]) == (demonstrations, orders,
+                                                                                     calibration)

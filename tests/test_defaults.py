@@ -120,14 +120,35 @@ def test_the_classifier_scores_the_query_after_each_classs_own_demonstrations_by
     np.testing.assert_allclose(proba.sum(axis=1), 1.0)
 
 
-def test_the_classifier_defaults_one_order_no_calibration_random_demonstrations():
-    # Chosen by measurement (the class docstring, docs/benchmarks.md "Few-shot options"); batch calibration stays
-    # off so that a query's answer does not depend on the queries predicted with it.
+def test_the_classifier_defaults_five_nearest_demonstrations_one_order_no_calibration():
+    # Chosen by measurement (the class docstring, docs/benchmarks.md "Few-shot options" and "Nearest demonstrations
+    # by default"); batch calibration stays off so that a query's answer does not depend on the queries predicted
+    # with it.
     clf = LLMFewShotClassifier(tiny_model_dir(), random_state=0)
-    assert (clf.n_orders, clf.calibration, clf.demonstrations) == (1, None, "random")
-    X = ["shoe bag", "wool heel", "bag bag", "heel wool"]
-    clf.fit(X, ["dax", "wug", "dax", "wug"])
+    assert (clf.n_examples_per_class, clf.demonstrations, clf.n_orders, clf.calibration) == (5, "nearest", 1, None)
+    X = ["bag bag", "heel heel", "shoe bag", "wool heel"]
+    y = ["dax", "wug", "dax", "wug"]
+    clf.fit(X, y)
     queries = ["shoe bag wool", "heel", "bag"]
     together = clf.predict_proba(queries)
     alone = np.vstack([clf.predict_proba([q]) for q in queries])
     np.testing.assert_allclose(alone, together, rtol=1e-5)  # float32 padding moves scores by ~1e-6 (test_fewshot)
+    # Each class's prompt shows its examples nearest to the query last (random ones keep the order of X), whatever
+    # random_state is.
+    assert clf.format_prompt("bag", "dax") == "dax: shoe bag\ndax: bag bag\ndax: bag\n"
+    assert clf.format_prompt("heel", "wug") == "wug: wool heel\nwug: heel heel\nwug: heel\n"
+    assert clf.format_prompt("shoe", "dax") == "dax: bag bag\ndax: shoe bag\ndax: shoe\n"
+    np.testing.assert_array_equal(clf.set_params(random_state=1).fit(X, y).predict_proba(queries), together)
+
+
+def test_with_one_example_per_class_the_default_shows_what_random_demonstrations_show():
+    # The 1-shot episode figures measured under demonstrations="random" hold for the default: with one example
+    # per class, each class's prompt is that example, for every query.
+    X, y = ["shoe bag", "wool heel", "bag bag"], ["dax", "wug", "blicket"]
+    queries = ["shoe bag wool", "heel", "bag"]
+    nearest = LLMFewShotClassifier(tiny_model_dir()).fit(X, y)
+    random = LLMFewShotClassifier(tiny_model_dir(), demonstrations="random", random_state=0).fit(X, y)
+    for query in queries:
+        for label in y:
+            assert nearest.format_prompt(query, label) == random.format_prompt(query, label)
+    np.testing.assert_array_equal(nearest.predict_proba(queries), random.predict_proba(queries))

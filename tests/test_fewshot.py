@@ -53,9 +53,11 @@ def _data(n_per_class=4, classes=("dax", "blicket", "wug"), seed=0, n_tokens=6):
 
 
 def _tiny(**params):
-    """The tiny model with direct scoring unless told otherwise: most tests here read the direct prompt's text
-    (the default, channel per class, is pinned down in test_defaults.py and by the tests that ask for it)."""
-    return LLMFewShotClassifier(tiny_model_dir(), random_state=0, **{"label_scoring": "loglik", **params})
+    """The tiny model with direct scoring and one random demonstration per class unless told otherwise: most tests
+    here read the text of the prompt every query shares (the defaults, channel per class and the 5 nearest
+    demonstrations per class, are pinned down in test_defaults.py and by the tests that ask for them)."""
+    return LLMFewShotClassifier(tiny_model_dir(), random_state=0, **{
+        "label_scoring": "loglik", "demonstrations": "random", "n_examples_per_class": 1, **params})
 
 
 # -- scikit-learn contract ------------------------------------------------------------------------------------
@@ -82,9 +84,10 @@ BATCH_CALIBRATION = ("calibration='batch' subtracts each class's mean score over
 
 def _expected_failed_checks(estimator):
     expected = dict(EXPECTED_FAILED_CHECKS[estimator.label_scoring])
-    if estimator.demonstrations == "nearest":
+    if estimator.demonstrations == "nearest" and estimator.label_scoring != "channel_per_class":
         # The check's queries each get their own nearest demonstrations, so each is scored alone, in its own
-        # prompts: no other query shares its batch (passed on 2026-12-06).
+        # prompt: no other query shares its batch (passed on 2026-12-06). Under "channel_per_class" the queries
+        # whose nearest example of a class is the same share that class's prompt, and its batch.
         expected.pop("check_methods_subset_invariance")
     if estimator.calibration == "batch":
         expected["check_methods_subset_invariance"] = BATCH_CALIBRATION
@@ -92,7 +95,8 @@ def _expected_failed_checks(estimator):
 
 
 @parametrize_with_checks([LLMFewShotClassifier(tiny_model_dir(), random_state=0),
-                          LLMFewShotClassifier(tiny_model_dir(), label_scoring="loglik", random_state=0),
+                          LLMFewShotClassifier(tiny_model_dir(), label_scoring="loglik", demonstrations="random",
+                                               random_state=0),
                           LLMFewShotClassifier(tiny_model_dir(), label_scoring="channel", demonstrations="nearest",
                                                n_orders=2, calibration="content_free", random_state=0),
                           LLMFewShotClassifier(tiny_model_dir(), n_orders=2, calibration="batch", random_state=0)],
@@ -193,7 +197,8 @@ def test_demonstrations_are_deterministic_in_random_state():
     a = _tiny(n_examples_per_class=2).fit(X, y).example_indices_
     b = _tiny(n_examples_per_class=2).fit(X, y).example_indices_
     np.testing.assert_array_equal(a, b)
-    others = {tuple(LLMFewShotClassifier(tiny_model_dir(), n_examples_per_class=2, random_state=s).fit(X, y).example_indices_) for s in range(5)}
+    others = {tuple(LLMFewShotClassifier(tiny_model_dir(), n_examples_per_class=2, demonstrations="random",
+                                                random_state=s).fit(X, y).example_indices_) for s in range(5)}
     assert len(others) > 1
 
 
@@ -852,20 +857,21 @@ def test_pipeline_with_lqae_tokenizer_on_images(tmp_path):
     train = [0, 1, 4, 5]
     test = [2, 3, 6, 7]
     pipe.fit(images[train], labels[train])
-    prompt = pipe.named_steps["fewshot"].prompt_prefix_
-    # The default (channel) demonstration is "{label}: {input}"; this checkpoint recommends no text grid, so
-    # each image writes one token per patch, 49.
-    lines = prompt.rstrip("\n").split("\n")
-    assert len(lines) == 4 and {line.split(": ", 1)[0] for line in lines} == {"dax", "blicket"}
-    assert all(len(line.split(": ", 1)[1].split()) == 49 for line in lines)
+    fewshot = pipe.named_steps["fewshot"]
+    text = pipe.named_steps["tokens"].transform(images[test])
+    assert len(set(text)) == 4
+    # The defaults: each class's prompt holds that class's demonstrations ("{label}: {input}"), then the query
+    # under the same label; this checkpoint recommends no text grid, so each image writes one token per patch, 49.
+    for label in ("dax", "blicket"):
+        lines = fewshot.format_prompt(text[0], label).rstrip("\n").split("\n")
+        assert len(lines) == 3 and {line.split(": ", 1)[0] for line in lines} == {label}
+        assert all(len(line.split(": ", 1)[1].split()) == 49 for line in lines)
+        assert lines[-1] == f"{label}: {text[0]}"
     proba = pipe.predict_proba(images[test])
     assert proba.shape == (4, 2)
     np.testing.assert_allclose(proba.sum(1), 1.0)
     # The pipeline scores each image's own token text: the same probabilities as the classifier on that
     # text, different rows for different images, and predictions that follow them.
-    fewshot = pipe.named_steps["fewshot"]
-    text = pipe.named_steps["tokens"].transform(images[test])
-    assert len(set(text)) == 4
     np.testing.assert_allclose(proba, fewshot.predict_proba(text), rtol=1e-6)
     assert np.ptp(np.log(proba[:, 0])) > 1e-3  # log scale: the tiny model is very sure of one label
     np.testing.assert_array_equal(pipe.predict(images[test]), fewshot.classes_[proba.argmax(1)])

@@ -233,7 +233,14 @@ def test_episode_shows_demonstrations_in_prompt_order_and_the_probabilities(epis
     pipe, X, y, query = episode
     display = FewShotEpisodeDisplay.from_estimator(pipe, X, y, query, query_label="dax")
     classifier = pipe[-1]
-    order = classifier.example_indices_
+    # The query's own demonstrations (the default shows each query its nearest ones): both of each class,
+    # interleaved, and the nearer of each class's two last.
+    order = classifier.demonstrations_for(pipe[:-1].transform([query]))[0]
+    assert sorted(order.tolist()) == [0, 1, 2, 3] and set(y[order[:2]]) == set(y[order[2:]]) == set(y)
+    query_text = pipe[:-1].transform([query])
+    for label in ("dax", "supercalifragilistic"):
+        lines = classifier.format_prompt(query_text[0], label).split("\n")[:2]
+        assert lines == [f"{label}: {classifier.neighbors_.texts_[i]}" for i in order if y[i] == label]
     assert [ax.get_title() for ax in display.support_axes_] == list(y[order])
     tokenizer = pipe[0]
     for ax, i in zip(display.support_axes_, order):

@@ -184,8 +184,9 @@ class FewShotEpisodeDisplay:
             images as its checkpoint reads them.
         X : images
             The images ``estimator`` was fitted on, in any form the tokenizer
-            takes. When the classifier records which of them its prompt shows
-            (``example_indices_``), only those are drawn, in prompt order.
+            takes. When the classifier says which of them the query's prompt
+            shows (``demonstrations_for``, or ``example_indices_`` for a prompt
+            every query shares), only those are drawn, in prompt order.
         y : array-like of shape (n_samples,)
             Their labels, as given to ``fit``.
         query : array-like, str, path-like or PIL.Image.Image
@@ -228,10 +229,13 @@ class FewShotEpisodeDisplay:
         y = np.asarray(y, dtype=object).reshape(-1)
         if len(y) != len(X):
             raise ValueError(f"X has {len(X)} images but y has {len(y)} labels")
-        shown = getattr(classifier, "example_indices_", None)
+        query_batch = as_batch_of_one(query, "query")
+        if hasattr(classifier, "demonstrations_for"):  # the query's own demonstrations (nearest ones differ by query)
+            shown = classifier.demonstrations_for(estimator[:-1].transform(query_batch))[0]
+        else:
+            shown = getattr(classifier, "example_indices_", None)
         shown = np.arange(len(y)) if shown is None else np.asarray(shown)
         support = model_view(tokenizer, take(X, shown))
-        query_batch = as_batch_of_one(query, "query")
         query_picture = model_view(tokenizer, query_batch)[0]
         proba = estimator.predict_proba(query_batch)[0]
         display = cls(support, y[shown], query_picture, proba, classifier.classes_, query_label=query_label)
