@@ -82,9 +82,10 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         labelled images per class, 500 queries; paired +0.038 ± 0.030), and
         0.553 against 0.577 with 20 per class (300 queries; −0.023 ± 0.038),
         where the nearest alone scored 0.513; in 2-way 5-shot episodes all 5
-        scored 0.835 against 0.820 for the 3 nearest. It costs 1.36 times the LLM time per query of one nearest
-        demonstration per class (2.03 times that of one random one, the
-        defaults before; ``benchmarks/fewshot_pooled_cost.py``).
+        scored 0.835 against 0.820 for the 3 nearest. It costs 1.36 times the
+        LLM time per query of one nearest demonstration per class (2.03 times
+        that of one random one, the defaults before;
+        ``benchmarks/fewshot_pooled_cost.py``).
     demonstrations : {"nearest", "random"}, default="nearest"
         Which training examples a prompt shows, and in which order.
         ``"nearest"``: ``fit`` keeps every example, and each query gets, per
