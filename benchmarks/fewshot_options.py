@@ -11,8 +11,8 @@ query per class they are the episodes of ``benchmarks/fewshot_eval.py``'s grid i
   show the same images and differ only in their order: nearest last);
   ``pc:o{N}`` (and every other name with ``pc:``): the same under ``label_scoring="channel_per_class"`` (one prompt
   per class, holding that class's demonstrations; ``--scorings``);
-* ``o{N}+cf`` / ``o{N}+bc``: the same with ``calibration="content_free"`` / ``"batch"`` (the batch is the
-  episode's queries, one per class);
+* ``o{N}+cf`` / ``o{N}+bc`` / ``o{N}+oc``: the same with ``calibration="content_free"`` / ``"batch"`` (the batch
+  is the episode's queries, one per class) / ``"other_classes"`` (references: the support images themselves);
 * ``near{K}`` / ``rand{K}`` (5-shot cells, ``--subset K``): ``K`` of the ``shot`` support images per class in each
   prompt, the nearest to each query (``demonstrations="nearest"``) or random ones, with ``n_orders=--subset-orders``;
 * ``before`` (``--before-commit``, only in the cells of ``--before-cells``): the classifier as it was at that commit
@@ -86,7 +86,7 @@ def before_classifier(commit):
 
 
 #: Calibration variants, content-free first: its calls hold every cell the others ask for.
-CALIBRATION_VARIANTS = (("+cf", "content_free"), ("", None), ("+bc", "batch"))
+CALIBRATION_VARIANTS = (("+cf", "content_free"), ("", None), ("+bc", "batch"), ("+oc", "other_classes"))
 #: Variant names: the channel scoring's bare (``o1``), the per-class prompts' with ``pc:`` (``pc:o1``).
 SCORING_TAGS = {"channel": "", "channel_per_class": "pc:"}
 

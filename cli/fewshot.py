@@ -164,10 +164,12 @@ def _check_pool(labels, ways, shots, n_query, source) -> None:
               help="Score each query under up to N orders of the demonstrations and average (all orders when "
                    "they are at most N, else rotations; LLMFewShotClassifier(n_orders=N)) [default: the "
                    "classifier's].")
-@click.option("--calibration", type=click.Choice(["none", "content_free", "batch"]), default=None,
+@click.option("--calibration", type=click.Choice(["none", "content_free", "batch", "other_classes"]),
+              default=None,
               help="Remove the LLM's label prior: content_free subtracts the scores of the inputs \"N/A\", \"\" "
                    "and \"[MASK]\"; batch subtracts each label's mean score over the episode's queries, so a "
-                   "query's answer depends on the others (LLMFewShotClassifier(calibration=...)) [default: the "
+                   "query's answer depends on the others; other_classes subtracts each label's mean score for one "
+                   "support image of each other class (LLMFewShotClassifier(calibration=...)) [default: the "
                    "classifier's].")
 @click.option("--max-tokens-per-item", type=click.IntRange(min=1), default=None, metavar="T",
               help="Keep only the first T tokens of each image [default: all].")

@@ -37,7 +37,8 @@ from sklearn.utils.validation import (
 
 from ._loading import device_here, unavailable_device
 from .llm import HuggingFaceBackend, LanguageModelBackend, make_backend
-from .llm._calibration import CALIBRATIONS, CONTENT_FREE_INPUTS, batch_calibrated
+from .llm._calibration import (CALIBRATIONS, CONTENT_FREE_INPUTS, batch_calibrated, class_references,
+                                other_class_offsets)
 from .llm._demonstrations import NearestDemonstrations, interleave, nearest_last
 from .llm._prompt import LABEL_SCORINGS, FewShotPrompt, check_instruction, demonstration_orders, first_tokens
 
@@ -283,6 +284,12 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         ``n_orders`` as read by ``fit``.
     calibration_ : None or str
         ``calibration`` as read by ``fit``.
+    reference_indices_ : ndarray of int of shape (n_classes,) or None
+        Under ``calibration="other_classes"``: the index in the training ``X``
+        of each class's reference example, its most typical text (highest mean
+        TF-IDF cosine to the class's texts); None under the other calibrations.
+    reference_texts_ : list of str or None
+        The texts of ``reference_indices_``, kept for scoring.
     neighbors_ : NearestDemonstrations or None
         Under ``"nearest"``: the fitted vectorizer, one
         :class:`~sklearn.neighbors.NearestNeighbors` per class, and the training
@@ -465,6 +472,10 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
                                      self.max_tokens_per_item)
         backend, backend_source = self._backend(options)  # may fail (a server down, a missing folder)
         max_prompt_tokens = self._prompt_limit(backend) if neighbors is not None else None
+        references = None
+        if self.calibration == "other_classes":
+            references = class_references([first_tokens(t, self.max_tokens_per_item) for t in texts], class_index,
+                                          len(classes))
 
         self.classes_ = classes
         self.label_texts_ = label_texts
@@ -473,6 +484,8 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         self.orders_ = orders
         self.n_orders_ = int(self.n_orders)
         self.calibration_ = self.calibration
+        self.reference_indices_ = references
+        self.reference_texts_ = None if references is None else [texts[i] for i in references]
         self.neighbors_ = neighbors
         self.max_prompt_tokens_ = max_prompt_tokens
         self.backend_ = backend
@@ -602,11 +615,10 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         limit, pool = self.max_prompt_tokens_, self.neighbors_.texts_
         chosen = []
         for i, (text, per_class) in enumerate(zip(texts, found)):
-            queries, continuations = self._requests([text])
             rounds = max(len(items) for items in per_class)
             while True:
                 pairs = nearest_last(per_class, rounds)
-                length = self._longest_prompt([(pool[j], k) for j, k in pairs], queries, continuations)
+                length = self._longest_prompt([(pool[j], k) for j, k in pairs], text)
                 if length <= limit:
                     break
                 if rounds == 1:
@@ -619,12 +631,17 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
             chosen.append(pairs)
         return chosen
 
-    def _longest_prompt(self, demos, queries, continuations) -> int:
-        """Tokens of the longest prompt a query with demonstrations ``demos`` is scored in (see ``_requests``)."""
+    def _longest_prompt(self, demos, text) -> int:
+        """Tokens of the longest prompt ``text`` is scored in with demonstrations ``demos`` (see ``_requests``)."""
         if not self.prompt_.per_class:
-            return self.backend_.prompt_length(self.prompt_.write(demos), queries, continuations)
-        return max(self.backend_.prompt_length(self.prompt_.write(self.prompt_.class_demonstrations(demos, k)),
-                                               [queries[k]], continuations) for k in range(len(self.classes_)))
+            return self.backend_.prompt_length(self.prompt_.write(demos),
+                                               *self._requests([text], np.arange(len(self.classes_))))
+        lengths = []
+        for k in range(len(self.classes_)):
+            queries, continuations = self._requests([text], [k])
+            lengths.append(self.backend_.prompt_length(self.prompt_.write(self.prompt_.class_demonstrations(demos, k)),
+                                                       [queries[k]], continuations))
+        return max(lengths)
 
     def format_prompt(self, text: str, label=None) -> str:
         """The exact text the LLM reads for ``text`` in the first order: the prompt, then ``label`` scored after it.
@@ -675,15 +692,29 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         return self.prompt_.requests(self._texts(X)[0])
 
-    def _requests(self, texts) -> tuple[list[str], list[str]]:
-        """``prompt_.requests(texts)`` with the content-free inputs appended when calibrating with them."""
-        queries, continuations = self.prompt_.requests(texts)
-        if self.calibration_ != "content_free":
-            return queries, continuations
-        free_queries, free_continuations = self.prompt_.requests(CONTENT_FREE_INPUTS)
-        if self.prompt_.channel:  # an input is a continuation; "" may write none
-            return queries, continuations + [c for c in free_continuations if c]
-        return queries + free_queries, continuations
+    def _calibration_inputs(self, classes) -> tuple[list[str], np.ndarray]:
+        """The inputs scored after a prompt for ``classes`` only to calibrate, and the class of each (-1: none).
+
+        The content-free inputs, or the reference texts of the classes other than
+        a class prompt's own (a prompt for every class scores every reference).
+        Under channel scoring an input is a continuation, and one that writes
+        nothing (``""`` with some templates) is left out.
+        """
+        if self.calibration_ == "content_free":
+            inputs, owners = list(CONTENT_FREE_INPUTS), [-1] * len(CONTENT_FREE_INPUTS)
+        elif self.calibration_ == "other_classes":
+            owners = [k for k in range(len(self.classes_)) if not (len(classes) == 1 and k == classes[0])]
+            inputs = [self.reference_texts_[k] for k in owners]
+        else:
+            return [], np.empty(0, dtype=np.int64)
+        if self.prompt_.channel:
+            written = self.prompt_.requests(inputs)[1]
+            inputs, owners = [t for t, c in zip(inputs, written) if c], [k for k, c in zip(owners, written) if c]
+        return inputs, np.array(owners, dtype=np.int64)
+
+    def _requests(self, texts, classes) -> tuple[list[str], list[str]]:
+        """``prompt_.requests`` of ``texts`` followed by the calibration inputs of a prompt for ``classes``."""
+        return self.prompt_.requests(list(texts) + self._calibration_inputs(classes)[0])
 
     def _prompts(self, texts) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """Every prompt prefix to score, the queries (indices into ``texts``) and the classes it is scored for.
@@ -711,21 +742,38 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         return [(self.prompt_.write([group[j] for j in order]), members, classes)
                 for group, classes in groups for order in demonstration_orders(len(group), self.n_orders_)]
 
-    def _order_scores(self, prefix: str, texts, classes) -> np.ndarray:
-        """(len(texts), len(classes)) scores of ``classes`` for ``texts`` after ``prefix``, less the content-free ones if asked."""
-        queries, continuations = self._requests(texts)
+    def _raw_scores(self, prefix: str, inputs, classes) -> np.ndarray:
+        """(len(inputs), len(classes)) scores of ``classes`` for ``inputs`` after ``prefix``, uncalibrated."""
+        queries, continuations = self.prompt_.requests(inputs)
         if self.prompt_.channel:  # one query per label: score only the classes this prompt is for
             queries = [queries[k] for k in classes]
         result = self.backend_.score(prefix, queries, continuations)
-        scoring = self.prompt_.label_scoring
-        scores = result.mean() if scoring == "mean_loglik" else result.logprob
-        if self.prompt_.channel:
-            scores = scores.T  # (inputs, labels)
-        else:
-            scores = scores[:, classes]
+        scores = result.mean() if self.prompt_.label_scoring == "mean_loglik" else result.logprob
+        return scores.T if self.prompt_.channel else scores[:, classes]  # (inputs, classes)
+
+    def _order_scores(self, prefix: str, texts, classes, unprompted=None) -> np.ndarray:
+        """(len(texts), len(classes)) scores of ``classes`` for ``texts`` after ``prefix``, calibrated if asked.
+
+        ``unprompted``: under ``"other_classes"``, the references' scores with no demonstrations
+        (``_unprompted_reference_scores``).
+        """
+        extra, owners = self._calibration_inputs(classes)
+        scores = self._raw_scores(prefix, list(texts) + extra, classes)
         n = len(texts)
         if self.calibration_ == "content_free":
             return scores[:n] - scores[n:].mean(axis=0, keepdims=True)
+        if self.calibration_ == "other_classes":
+            # What the demonstrations add to each reference's score: its own likelihood, which differs from one
+            # reference to the next far more than any prompt's bias, cancels.
+            lift = scores[n:] - unprompted[np.ix_(owners, classes)]
+            return scores[:n] - other_class_offsets(lift, owners, classes)
+        return scores
+
+    def _unprompted_reference_scores(self) -> np.ndarray:
+        """(n_classes, n_classes) scores of every class for each reference text in a prompt of no demonstrations."""
+        inputs, owners = self._calibration_inputs([])
+        scores = np.full((len(self.classes_), len(self.classes_)), np.nan)
+        scores[owners] = self._raw_scores(self.prompt_.write([]), inputs, np.arange(len(self.classes_)))
         return scores
 
     def _scores(self, X) -> np.ndarray:
@@ -734,8 +782,10 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         texts = self._texts(X)[0]
         total = np.zeros((len(texts), len(self.classes_)))
         count = np.zeros((len(texts), len(self.classes_)))
+        unprompted = self._unprompted_reference_scores() if self.calibration_ == "other_classes" else None
         for prefix, members, classes in self._prompts(texts):
-            total[np.ix_(members, classes)] += self._order_scores(prefix, [texts[i] for i in members], classes)
+            total[np.ix_(members, classes)] += self._order_scores(prefix, [texts[i] for i in members], classes,
+                                                                  unprompted)
             count[np.ix_(members, classes)] += 1
         scores = total / count
         return batch_calibrated(scores) if self.calibration_ == "batch" else scores

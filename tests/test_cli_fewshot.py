@@ -142,7 +142,8 @@ def test_bad_option_is_a_usage_error(tmp_path):
     ([], None, None, None),  # the classifier's defaults
     (["--orders", "1", "--calibration", "batch"], None, 1, "batch"),
     (["--orders", "2", "--calibration", "content_free"], None, 2, "content_free"),
-    (["--orders", "2", "--scoring", "channel", "--demonstrations", "random"], "random", 2, None),
+    (["--orders", "2", "--scoring", "channel", "--demonstrations", "random", "--calibration", "other_classes"],
+     "random", 2, "other_classes"),
     (["--orders", "2", "--scoring", "channel", "--demonstrations", "nearest"], "nearest", 2, None),
 ])
 def test_orders_and_calibration_reach_the_classifier(tmp_path, monkeypatch, options, demonstrations, orders,

@@ -26,6 +26,7 @@ from lqae_sklearn import DeviceWarning, LLMFewShotClassifier  # noqa: E402
 from lqae_sklearn.llm import (  # noqa: E402
     HuggingFaceBackend, LanguageModelBackend, LLMBackendError, OpenAICompatibleBackend, _cache,
 )
+from lqae_sklearn.llm._calibration import class_references  # noqa: E402
 from lqae_sklearn.llm._prompt import demonstration_orders  # noqa: E402
 
 WORDS = ["shoe", "##s", "black", "sleeve", "bag", "##ish", "strap", "wool", "pull", "##over", "boot", "heel"]
@@ -679,6 +680,56 @@ def test_batch_calibration_gives_two_queries_of_two_classes_opposite_answers():
     np.testing.assert_allclose(scores, [(raw[0] - raw[1]) / 2, (raw[1] - raw[0]) / 2], rtol=1e-9, atol=1e-12)
     assert raw[0] != raw[1]
     assert set(clf.predict(same_class)) == {"dax", "blicket"}  # one of the two is wrong, by construction
+
+
+@pytest.mark.parametrize("scoring", ["channel_per_class", "channel", "loglik"])
+def test_other_classes_calibration_subtracts_what_the_demonstrations_add_to_the_other_classes_references(scoring):
+    X, y = _data(n_per_class=3)  # classes_ is (blicket, dax, wug)
+    clf = _tiny(label_scoring=scoring, calibration="other_classes").fit(X, y)
+    references = [X[i] for i in clf.reference_indices_]
+    assert [y[i] for i in clf.reference_indices_] == list(clf.classes_) and clf.reference_texts_ == references
+    queries = X[[0, 4, 8]]
+    demos = clf.prompt_.demonstrations
+
+    def raw(shown_for, inputs):
+        """(inputs, classes) scores after the demonstrations shown_for(k) gives each class k."""
+        if scoring == "loglik":  # one prompt for all classes; each label scored after the input
+            return clf.backend_.score(clf.prompt_.write(shown_for(0)), [f"Input: {t}\nOutput:" for t in inputs],
+                                      [f" {label}\n" for label in clf.classes_]).logprob
+        return np.array([clf.backend_.score(clf.prompt_.write(shown_for(k)), [f"{label}:"],
+                                            [f" {t}\n" for t in inputs]).logprob[0]
+                         for k, label in enumerate(clf.classes_)]).T  # the input scored after each label
+
+    own = (lambda k: [d for d in demos if d[1] == k]) if scoring == "channel_per_class" else (lambda k: demos)
+    prompted, unprompted = raw(own, list(queries) + references), raw(lambda k: [], references)
+    lift = prompted[3:] - unprompted  # what the demonstrations add to each reference's score, per class
+    offsets = [np.mean([lift[j, k] for j in range(3) if j != k]) for k in range(3)]  # the other classes' references
+    expected = prompted[:3] - np.array(offsets)
+    # The classifier scores the unprompted references for all labels in one padded batch: float32 rounding.
+    np.testing.assert_allclose(clf.decision_function(queries), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(clf.predict_proba(queries), np.exp(expected) / np.exp(expected).sum(1, keepdims=True),
+                               rtol=1e-5)
+    assert not np.allclose(clone(clf).set_params(calibration=None).fit(X, y).decision_function(queries), expected)
+    # Unlike batch calibration, a query's scores are its own: alone, as in any batch (to float32 batch rounding).
+    for i, query in enumerate(queries):
+        np.testing.assert_allclose(clf.decision_function([query])[0], expected[i], rtol=1e-5, atol=1e-5)
+    assert _tiny().fit(X, y).reference_indices_ is None
+
+
+def test_class_references_are_each_classs_most_typical_text():
+    # Class 0: two texts share "shoe heel", the third shares only "shoe" with them; class 1 has one text.
+    texts = ["shoe boot", "bag strap", "shoe heel", "shoe heel wool"]
+    class_index = [0, 1, 0, 0]
+    vocabulary = sorted({t for text in texts for t in text.split()})
+    counts = np.array([[text.split().count(v) for v in vocabulary] for text in texts], float)
+    df = (counts > 0).sum(axis=0)
+    tfidf = counts * (np.log((1 + len(texts)) / (1 + df)) + 1)  # smooth idf, then unit rows
+    unit = tfidf / np.linalg.norm(tfidf, axis=1, keepdims=True)
+    members = [0, 2, 3]
+    typicality = (unit[members] @ unit[members].T).mean(axis=1)
+    assert members[int(np.argmax(typicality))] == 2  # computed independently, and as one expects
+    np.testing.assert_array_equal(class_references(texts, class_index, 2), [2, 1])
+    np.testing.assert_array_equal(class_references(["", " "], [0, 1], 2), [0, 1])  # no tokens: the first
 
 
 # -- demonstrations nearest to each query ----------------------------------------------------------------------------
