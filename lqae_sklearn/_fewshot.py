@@ -110,16 +110,17 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         against 0.530 (+0.068 ± 0.048; 0.558 against 0.502 out of 20 per
         class), the 0.598 within noise of a k-nearest-neighbour classifier on
         the same similarity without an LLM (k = 1: 0.584, k = 5: 0.612). Its
-        predictions never depend on ``random_state``. When every example is shown (an N-way K-shot episode
-        with K at most ``n_examples_per_class``) the two show the same examples
-        and differ only in their order: nearest last scored 0.835 against 0.810
-        in 2-way 5-shot (200 episodes, paired +0.025 ± 0.025), and 0.611
-        against 0.605 in 5-way 5-shot (200 episodes, +0.006 ± 0.020); with one
-        example per class the prompts are the same. The price: each query
-        scores prompts of its own where ``"random"`` shares one set among the
-        queries of a ``predict`` call (1.50 times the LLM time per query with
-        one demonstration per class, on the pooled task in batches of 10
-        queries), and the fitted state keeps every training text.
+        predictions never depend on ``random_state``. When every example is
+        shown (an N-way K-shot episode with K at most ``n_examples_per_class``)
+        the two show the same examples and differ only in their order: nearest
+        last scored 0.835 against 0.810 in 2-way 5-shot (200 episodes, paired
+        +0.025 ± 0.025), and 0.611 against 0.605 in 5-way 5-shot (200 episodes,
+        +0.006 ± 0.020); with one example per class the prompts are the same.
+        The price: each query scores prompts of its own where ``"random"``
+        shares one set among the queries of a ``predict`` call (1.50 times the
+        LLM time per query with one demonstration per class, on the pooled
+        task in batches of 10 queries), and the fitted state keeps every
+        training text.
     n_orders : int, default=1
         Orders of the demonstrations each query is scored under; the class scores
         (log-probabilities) are averaged over them. With ``D`` demonstrations: all
@@ -138,8 +139,8 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         5-way 1-shot (20 episodes), 1 to 5 orders scored 0.34-0.40, each within
         the others' intervals (± 0.10), at up to 5 times the cost; under the
         defaults in 2-way 5-shot, 2 orders scored 0.820 against 0.835 for 1
-        (200 episodes, paired −0.015 ± 0.015) at 1.7 times the LLM time. One fixed
-        order is what removed the spread: across 5 values of ``random_state``
+        (200 episodes, paired −0.015 ± 0.015) at 1.7 times the LLM time. One
+        fixed order is what removed the spread: across 5 values of ``random_state``
         on fixed 2-way 1-shot episodes, 0.040 when each fit drew a random order,
         0.000 now.
     calibration : {None, "content_free", "batch"}, default=None
@@ -162,8 +163,9 @@ class LLMFewShotClassifier(ClassifierMixin, BaseEstimator):
         against 0.693 without calibration in 2-way 1-shot and 0.450 against
         0.446 in 5-way 1-shot; ``"batch"`` 0.770 and 0.493, for the reason
         below. In the 5-shot cells under the defaults (nearest
-        demonstrations), ``"content_free"`` scored 0.823 against 0.835 (2-way,
-        200 episodes) and 0.584 against 0.586 (5-way, 100 episodes). Under ``"channel"`` (figures as for ``n_orders``, 1 order):
+        demonstrations, 200 episodes), ``"content_free"`` scored 0.823 against
+        0.835 (2-way) and 0.604 against 0.611 (5-way). Under ``"channel"``
+        (figures as for ``n_orders``, 1 order):
         ``"content_free"`` scored 0.608 ± 0.042 against 0.615 ± 0.044 without
         calibration in 2-way 1-shot, and 0.330 ± 0.028 against 0.350 ± 0.027
         in 5-way 1-shot, at 1.13-1.33 times the LLM time. ``"batch"`` scored
